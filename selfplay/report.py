@@ -1,0 +1,82 @@
+"""Per-round summary lines and the run's report.md (with a plot of reward per round)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def round_summary(r: int, manifests: dict[str, dict]) -> dict[str, Any]:
+    st = {stage: m["stats"] for stage, m in manifests.items()}
+    sec = {stage: m["timings"]["seconds"] for stage, m in manifests.items()}
+    ev = st["eval"]
+    summary = {
+        "round": r,
+        "prompts": st["pair"]["prompts"],
+        "pairs": st["pair"]["pairs"],
+        "ties_dropped": st["pair"]["ties_dropped"],
+        "selected": st["select"]["selected"],
+        "sample_mean_reward": st["score"]["mean_reward"],
+        "heldout_reward": ev["mean_reward"],
+        "heldout_stderr": ev["stderr_reward"],
+        "base_heldout_reward": ev["base_mean_reward"],
+        "win_rate_vs_base": ev["win_rate_vs_base"],
+        "seconds": sec,
+    }
+    times = " ".join(f"{stage} {sec[stage]:.0f}s" for stage in sec)
+    summary["line"] = (
+        f"round {r}: pairs {summary['pairs']}/{summary['prompts']} prompts (ties dropped {summary['ties_dropped']}), "
+        f"kept {summary['selected']} | sample reward {summary['sample_mean_reward']:.3f} | held-out reward "
+        f"{summary['heldout_reward']:.3f} ± {summary['heldout_stderr']:.3f} (π_0 {summary['base_heldout_reward']:.3f}, "
+        f"win rate {summary['win_rate_vs_base']:.2f}) | {times}"
+    )
+    return summary
+
+
+def _plot(run_dir: Path, summaries: list[dict[str, Any]]) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [s["round"] + 1 for s in summaries]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.errorbar([0, *rounds], [summaries[0]["base_heldout_reward"]] + [s["heldout_reward"] for s in summaries],
+                yerr=[0.0] + [s["heldout_stderr"] for s in summaries], marker="o", capsize=3, label="held-out reward")
+    ax.plot([s["round"] for s in summaries], [s["sample_mean_reward"] for s in summaries], marker="s",
+            linestyle="--", label="mean reward of round's samples (π_r)")
+    ax.set_xlabel("policy π_k (k = rounds trained)")
+    ax.set_ylabel("reward")
+    ax.set_xticks([0, *rounds])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    name = "reward_per_round.png"
+    fig.savefig(run_dir / f".{name}.tmp.png")
+    plt.close(fig)
+    (run_dir / f".{name}.tmp.png").replace(run_dir / name)
+    return name
+
+
+def write_report(run_dir: Path, summaries: list[dict[str, Any]]) -> Path:
+    lines = [f"# selfplay run `{run_dir.name}`", ""]
+    if summaries:
+        plot = _plot(run_dir, summaries)
+        lines += [f"![reward per round]({plot})", ""]
+        lines += ["| round | prompts | pairs | ties | selected | sample reward (π_r) | held-out reward (π_r+1) | "
+                  "win rate vs π_0 |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {s['round']} | {s['prompts']} | {s['pairs']} | {s['ties_dropped']} | {s['selected']} | "
+                  f"{s['sample_mean_reward']:.3f} | {s['heldout_reward']:.3f} ± {s['heldout_stderr']:.3f} | "
+                  f"{s['win_rate_vs_base']:.2f} |" for s in summaries]
+        lines += ["", f"Held-out reward of π_0: {summaries[0]['base_heldout_reward']:.3f}.", ""]
+        lines += ["## Seconds per stage", "", "| round | " + " | ".join(summaries[0]["seconds"]) + " |",
+                  "|---" * (len(summaries[0]["seconds"]) + 1) + "|"]
+        lines += [f"| {s['round']} | " + " | ".join(f"{v:.0f}" for v in s["seconds"].values()) + " |" for s in summaries]
+    path = run_dir / "report.md"
+    tmp = run_dir / ".report.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    (run_dir / "summary.json").write_text(json.dumps([{k: v for k, v in s.items() if k != "line"} for s in summaries],
+                                                     indent=2) + "\n")
+    return path

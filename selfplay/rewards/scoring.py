@@ -1,0 +1,110 @@
+"""Reward backends. `build_scorer(reward_cfg, device)` returns `scorer(frame, desc) -> np.ndarray` of one finite
+float per row of a generations frame (columns prompt, response, and the prompt's extra columns)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+
+Scorer = Callable[..., np.ndarray]
+RESERVED = {"prompt", "response", "prompt_id", "sample_idx", "n_tokens", "finish_reason"}
+
+
+def load_function(spec: str) -> Callable:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise InputError(f"reward.function: cannot import module {module_name!r} ({err})") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise InputError(f"reward.function: {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def check_rewards(values: Any, expected: int, source: str, frame: pd.DataFrame) -> np.ndarray:
+    """Rewards as a float array; one clear error for a wrong length or a NaN/inf value (naming the row)."""
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{source} returned values that are not numbers ({err})") from err
+    if arr.shape != (expected,):
+        raise InputError(f"{source} returned shape {arr.shape} for {expected} responses; expected one float per response")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if len(bad):
+        i = int(bad[0])
+        raise InputError(f"{source} returned {arr[i]} for prompt_id={frame['prompt_id'].iloc[i]!r} "
+                         f"sample_idx={frame['sample_idx'].iloc[i]} ({len(bad)} non-finite rewards)")
+    return arr
+
+
+def function_scorer(spec: str, chunk: int = 512) -> Scorer:
+    fn = load_function(spec)
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+    def score(frame: pd.DataFrame, desc: str = "score") -> np.ndarray:
+        extra = [c for c in frame.columns if c not in RESERVED and c != "reward" and (takes_any or c in params)]
+        values: list[float] = []
+        for start in tqdm(range(0, len(frame), chunk), desc=desc, unit="chunk", dynamic_ncols=True):
+            part = frame.iloc[start : start + chunk]
+            kwargs = {c: list(part[c]) for c in extra}
+            values.extend(fn(prompts=list(part["prompt"]), completions=list(part["response"]), **kwargs))
+        return check_rewards(values, len(frame), f"reward function {spec}", frame)
+
+    return score
+
+
+def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: int, device: Any,
+                      trust_remote_code: bool) -> Scorer:
+    import torch
+
+    from ..chat import prompt_messages, response_messages
+    from ..modeling import load_reward_model, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(model_dir)
+    tokenizer = load_tokenizer(Path(path), trust_remote_code)
+    model = load_reward_model(Path(path), dtype, device, trust_remote_code)
+    pad_id = model.config.pad_token_id
+
+    def score(frame: pd.DataFrame, desc: str = "score") -> np.ndarray:
+        # The RM's own chat template over the full conversation, truncated like the RM expects.
+        encoded = [
+            tokenizer.apply_chat_template(prompt_messages(p) + response_messages(r), tokenize=True,
+                                          return_dict=True)["input_ids"][:max_length]
+            for p, r in zip(frame["prompt"], frame["response"], strict=True)
+        ]
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        out = np.empty(len(encoded))
+        for start in tqdm(range(0, len(order), batch_size), total=math.ceil(len(order) / batch_size), desc=desc,
+                          unit="batch", dynamic_ncols=True):
+            idx = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):  # right padding: sequence classifiers read the last non-pad token
+                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+                mask[row, : len(encoded[i])] = 1
+            with torch.inference_mode():
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            out[idx] = logits[:, 0].float().cpu().numpy()
+        return check_rewards(out, len(frame), f"reward model {path}", frame)
+
+    return score
+
+
+def build_scorer(reward_cfg: Any, device: Any, trust_remote_code: bool = False) -> Scorer:
+    if reward_cfg.backend == "function":
+        return function_scorer(reward_cfg.function)
+    return classifier_scorer(reward_cfg.model, reward_cfg.dtype, reward_cfg.batch_size, reward_cfg.max_length,
+                             device, trust_remote_code)

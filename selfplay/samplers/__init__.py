@@ -1,0 +1,34 @@
+"""Sampler backends, chosen by `sampler.backend` and imported lazily (a backend's engine loads only when used)."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+BACKENDS = {"hf": "selfplay.samplers.hf:HFSampler"}
+
+
+@dataclass
+class Completion:
+    prompt_index: int  # position of the prompt in the request list
+    sample_idx: int  # 0..n-1 within its prompt
+    response: str
+    n_tokens: int  # generated tokens, the end-of-turn token included when there was one
+    finish_reason: str  # "stop" (end of turn) or "length" (hit max_new_tokens)
+
+
+@dataclass
+class SamplingSpec:
+    n: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+    seed: int = 0
+    batch_size: int = 16
+
+
+def build_sampler(backend: str, **kwargs: Any) -> Any:
+    module, _, cls = BACKENDS[backend].partition(":")
+    return getattr(importlib.import_module(module), cls)(**kwargs)

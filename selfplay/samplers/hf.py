@@ -1,0 +1,77 @@
+"""transformers `generate` sampler: length-sorted batches, N samples per prompt, seeded per batch."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..chat import generation_prompt_ids
+from ..modeling import load_causal_lm, load_tokenizer
+from . import Completion, SamplingSpec
+
+log = logging.getLogger("selfplay")
+
+
+class HFSampler:
+    def __init__(self, model_path: Path, dtype: str, device: Any, trust_remote_code: bool = False):
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.model = load_causal_lm(model_path, dtype, device, trust_remote_code)
+        self.device = device
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
+
+    def generate(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate") -> list[Completion]:
+        import torch
+        from transformers import GenerationConfig
+
+        encoded = [generation_prompt_ids(self.tokenizer, p) for p in prompts]
+        # Longest first: batches of similar length waste little on padding, and an out-of-memory shows up at once.
+        order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
+        gen_config = GenerationConfig(
+            do_sample=not spec.greedy,
+            temperature=None if spec.greedy else spec.temperature,
+            top_p=None if spec.greedy else spec.top_p,
+            top_k=None if spec.greedy else 0,
+            max_new_tokens=spec.max_new_tokens,
+            num_return_sequences=spec.n,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        results: list[Completion] = []
+        new_tokens = 0
+        started = time.time()
+        bar = tqdm(total=len(prompts) * spec.n, desc=desc, unit="resp", dynamic_ncols=True)
+        for batch_no, start in enumerate(range(0, len(order), spec.batch_size)):
+            idx = order[start : start + spec.batch_size]
+            batch = self.tokenizer.pad(
+                {"input_ids": [encoded[i] for i in idx]}, padding=True, padding_side="left", return_tensors="pt"
+            ).to(self.device)
+            # One seed per batch: the same config gives the same responses, whatever ran before in the process.
+            torch.manual_seed(spec.seed * 100_003 + batch_no)
+            with torch.inference_mode():
+                out = self.model.generate(**batch, generation_config=gen_config)
+            generated = out[:, batch["input_ids"].shape[1] :].tolist()
+            for row, tokens in enumerate(generated):
+                prompt_index = idx[row // spec.n]
+                end = next((k for k, t in enumerate(tokens) if t in self.eos_ids), None)
+                kept = tokens if end is None else tokens[:end]
+                n_tokens = len(tokens) if end is None else end + 1
+                new_tokens += n_tokens
+                results.append(
+                    Completion(
+                        prompt_index=prompt_index,
+                        sample_idx=row % spec.n,
+                        response=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                        n_tokens=n_tokens,
+                        finish_reason="length" if end is None else "stop",
+                    )
+                )
+            bar.update(len(generated))
+            bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - started, 1e-9):.0f}")
+        bar.close()
+        results.sort(key=lambda c: (c.prompt_index, c.sample_idx))
+        return results

@@ -1,0 +1,82 @@
+"""eval — held-out mean reward of π_{r+1} (same judge), and its win rate against π_0 on the same prompts.
+
+Input:   round_XX/policy (π_{r+1}); held-out prompts (builtin: a fixed disjoint set; files: prompts.eval_source
+         or the last prompts.eval_count rows); round_00/eval_base_generations.parquet for r > 0
+Output:  round_XX/eval.json                    mean_reward, base_mean_reward, win_rate_vs_base, …
+         round_XX/eval_generations.parquet     prompt_id, prompt, sample_idx, response, reward (π_{r+1})
+         round_00/eval_base_generations.parquet  the same for π_0 (round 0 only)
+Win rate counts, per prompt, mean reward of π_{r+1} above π_0's as a win and equal as half a win.
+Alone:   selfplay stage eval round=R
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from ..rewards.scoring import build_scorer
+from ..samplers import SamplingSpec, build_sampler
+from .generate import completions_frame
+from .prompts import heldout_prompts
+
+CONFIG = ("eval", "reward", "prompts", "sampler.max_new_tokens", "sampler.temperature", "sampler.top_p",
+          "model.dtype", "model.trust_remote_code", "seed")
+
+
+def OUTPUTS(r: int) -> tuple[str, ...]:  # noqa: N802 — the runner reads OUTPUTS from every stage
+    base = ("eval_base_generations.parquet",) if r == 0 else ()
+    return ("eval.json", "eval_generations.parquet", *base)
+
+
+def requires(r: int) -> list[tuple[int, str]]:
+    return [(r, "train")] + ([(0, "eval")] if r > 0 else [])
+
+
+def generate_and_score(ctx, policy_path, prompts: pd.DataFrame, scorer, label: str) -> pd.DataFrame:
+    cfg = ctx.cfg
+    sampler = build_sampler(cfg.sampler.backend, model_path=policy_path, dtype=cfg.model.dtype, device=ctx.device,
+                            trust_remote_code=cfg.model.trust_remote_code)
+    spec = SamplingSpec(n=cfg.eval.samples, max_new_tokens=cfg.sampler.max_new_tokens,
+                        temperature=cfg.sampler.temperature, top_p=cfg.sampler.top_p, greedy=cfg.eval.greedy,
+                        seed=cfg.seed * 1_000 + 999, batch_size=cfg.eval.batch_size)
+    frame = completions_frame(prompts, sampler.generate(list(prompts["prompt"]), spec, desc=label))
+    frame["reward"] = scorer(frame, desc=f"{label} score")
+    return frame
+
+
+def win_rate(policy: pd.DataFrame, base: pd.DataFrame) -> dict[str, float]:
+    """Per prompt mean reward of the policy vs the base: wins, ties (half a win), losses."""
+    a = policy.groupby("prompt_id")["reward"].mean()
+    b = base.groupby("prompt_id")["reward"].mean().reindex(a.index)
+    wins, ties = int((a > b).sum()), int((a == b).sum())
+    losses = len(a) - wins - ties
+    return {"wins": wins, "ties": ties, "losses": losses, "win_rate_vs_base": (wins + 0.5 * ties) / len(a)}
+
+
+def run(ctx) -> None:
+    prompts = heldout_prompts(ctx.cfg)
+    scorer = build_scorer(ctx.cfg.reward, ctx.device, ctx.cfg.model.trust_remote_code)
+    if ctx.round == 0:
+        base = generate_and_score(ctx, ctx.policy_path(0), prompts, scorer, "eval π_0")
+        base.to_parquet(ctx.out / "eval_base_generations.parquet", index=False)
+    else:
+        base = ctx.read_parquet("eval_base_generations.parquet", r=0)
+    policy = generate_and_score(ctx, ctx.round_dir / "policy", prompts, scorer, f"eval π_{ctx.round + 1}")
+    policy.to_parquet(ctx.out / "eval_generations.parquet", index=False)
+    per_prompt = policy.groupby("prompt_id")["reward"].mean()
+    result = {
+        "round": ctx.round,
+        "policy": f"round_{ctx.round:02d}/policy",
+        "heldout_prompts": len(prompts),
+        "samples_per_prompt": ctx.cfg.eval.samples,
+        "mean_reward": float(policy["reward"].mean()),
+        "stderr_reward": float(per_prompt.std(ddof=1) / np.sqrt(len(per_prompt))) if len(per_prompt) > 1 else 0.0,
+        "base_mean_reward": float(base["reward"].mean()),
+        "mean_response_tokens": float(policy["n_tokens"].mean()),
+        **win_rate(policy, base),
+    }
+    result["reward_gain_vs_base"] = result["mean_reward"] - result["base_mean_reward"]
+    (ctx.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    ctx.stats.update({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "policy"})

