@@ -19,6 +19,7 @@ from pathlib import Path
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # SimPO lives in trl.experimental.cpo, on purpose
 os.environ.setdefault("HYDRA_FULL_ERROR", "0")
 
 log = logging.getLogger("selfplay")

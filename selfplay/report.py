@@ -22,14 +22,16 @@ def round_summary(r: int, manifests: dict[str, dict]) -> dict[str, Any]:
         "heldout_stderr": ev["stderr_reward"],
         "base_heldout_reward": ev["base_mean_reward"],
         "win_rate_vs_base": ev["win_rate_vs_base"],
+        "gain_vs_base": ev["reward_gain_vs_base"],
+        "gain_stderr": ev["reward_gain_stderr"],
         "seconds": sec,
     }
     times = " ".join(f"{stage} {sec[stage]:.0f}s" for stage in sec)
     summary["line"] = (
         f"round {r}: pairs {summary['pairs']}/{summary['prompts']} prompts (ties dropped {summary['ties_dropped']}), "
         f"kept {summary['selected']} | sample reward {summary['sample_mean_reward']:.3f} | held-out reward "
-        f"{summary['heldout_reward']:.3f} ± {summary['heldout_stderr']:.3f} (π_0 {summary['base_heldout_reward']:.3f}, "
-        f"win rate {summary['win_rate_vs_base']:.2f}) | {times}"
+        f"{summary['heldout_reward']:.3f} (π_0 {summary['base_heldout_reward']:.3f}, gain {summary['gain_vs_base']:+.3f} "
+        f"± {summary['gain_stderr']:.3f}, win rate {summary['win_rate_vs_base']:.2f}) | {times}"
     )
     return summary
 
@@ -65,10 +67,10 @@ def write_report(run_dir: Path, summaries: list[dict[str, Any]]) -> Path:
         plot = _plot(run_dir, summaries)
         lines += [f"![reward per round]({plot})", ""]
         lines += ["| round | prompts | pairs | ties | selected | sample reward (π_r) | held-out reward (π_r+1) | "
-                  "win rate vs π_0 |", "|---|---|---|---|---|---|---|---|"]
+                  "gain vs π_0 (paired s.e.) | win rate vs π_0 |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {s['round']} | {s['prompts']} | {s['pairs']} | {s['ties_dropped']} | {s['selected']} | "
-                  f"{s['sample_mean_reward']:.3f} | {s['heldout_reward']:.3f} ± {s['heldout_stderr']:.3f} | "
-                  f"{s['win_rate_vs_base']:.2f} |" for s in summaries]
+                  f"{s['sample_mean_reward']:.3f} | {s['heldout_reward']:.3f} | {s['gain_vs_base']:+.3f} "
+                  f"({s['gain_stderr']:.3f}) | {s['win_rate_vs_base']:.2f} |" for s in summaries]
         lines += ["", f"Held-out reward of π_0: {summaries[0]['base_heldout_reward']:.3f}.", ""]
         lines += ["## Seconds per stage", "", "| round | " + " | ".join(summaries[0]["seconds"]) + " |",
                   "|---" * (len(summaries[0]["seconds"]) + 1) + "|"]

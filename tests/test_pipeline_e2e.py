@@ -82,6 +82,9 @@ def test_selected_loads_with_datasets_and_map_scores_recompute(tiny_run):
         z = zscore(pool["margin_explicit"].to_numpy()) - 1.0 * zscore(pool["margin_implicit"].abs().to_numpy())
         expected = dict(zip(pool["prompt_id"], z, strict=True))
         np.testing.assert_allclose(selected["score"], [expected[p] for p in selected["prompt_id"]], atol=1e-9)
+        # and from selected.parquet's own columns
+        np.testing.assert_allclose(selected["score"], selected["z_margin_explicit"]
+                                   - selected["map_weight"] * selected["z_abs_margin_implicit"], atol=1e-12)
         assert selected["rank"].tolist() == list(range(1, len(selected) + 1))
         assert len(selected) == int(np.ceil(0.5 * len(pool)))
         assert selected["score"].is_monotonic_decreasing
@@ -129,7 +132,7 @@ def test_changed_config_for_a_finished_stage_is_refused(tiny_run):
 
 def test_kill_during_training_then_resume_keeps_generation_and_scoring(tmp_path, tiny_policy, tiny_reward_model):
     overrides = [*tiny_overrides(tmp_path, tiny_policy, tiny_reward_model, run_name="killed"), "rounds=1",
-                 "trainer.epochs=200"]  # long enough to be killed mid-training
+                 "trainer.epochs=40"]  # ~80 steps: long enough to be killed mid-training
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     proc = subprocess.Popen([sys.executable, "-m", "selfplay.cli", "run", *overrides], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -138,7 +141,8 @@ def test_kill_during_training_then_resume_keeps_generation_and_scoring(tmp_path,
     while not (rdir / ".tmp-train" / "trainer").exists():
         assert proc.poll() is None and time.time() < deadline, "training never started"
         time.sleep(0.05)
-    time.sleep(1.0)
+    time.sleep(0.5)
+    assert proc.poll() is None, "training finished before the kill; raise trainer.epochs"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (rdir / "policy").exists() and not (rdir / "train.done.json").exists()
@@ -146,7 +150,7 @@ def test_kill_during_training_then_resume_keeps_generation_and_scoring(tmp_path,
     assert set(done_before) == {f"{s}.done.json" for s in ("prompts", "generate", "score", "pair", "margin", "select")}
     data_before = {p: p.read_bytes() for p in rdir.glob("**/*.parquet")}
 
-    resumed = run_cli("run", *overrides[:-1], "trainer.epochs=200")
+    resumed = run_cli("run", *overrides)  # the same command
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for stage in ("prompts", "generate", "score", "pair", "margin", "select"):
         assert f"round 0 {stage:<8} skipped (complete)" in resumed.stderr

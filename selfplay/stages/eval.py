@@ -78,5 +78,8 @@ def run(ctx) -> None:
         **win_rate(policy, base),
     }
     result["reward_gain_vs_base"] = result["mean_reward"] - result["base_mean_reward"]
+    # Same prompts for both policies: the per-prompt difference's standard error is the honest error bar of the gain.
+    diff = per_prompt - base.groupby("prompt_id")["reward"].mean().reindex(per_prompt.index)
+    result["reward_gain_stderr"] = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
     (ctx.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     ctx.stats.update({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "policy"})

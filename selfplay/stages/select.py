@@ -1,8 +1,10 @@
 """select — rank the round's pairs by a metric and keep the top k (or a ratio) of the pool.
 
 Input:   round_XX/pairs.parquet
-Output:  round_XX/selected.parquet   pairs' columns + metric, score, rank (1 = kept first); loads with
-         `datasets.load_dataset("parquet", data_files=…)` and trains in TRL as-is (conversational columns).
+Output:  round_XX/selected.parquet   pairs' columns + metric, score, rank (1 = kept first); for map also
+         z_margin_explicit, z_abs_margin_implicit and map_weight (z over the whole pool, so the score can be
+         checked from the file alone). Loads with `datasets.load_dataset("parquet", data_files=…)` and trains
+         in TRL as-is (conversational columns).
 Metrics: map       z(Δex) − w·z(|Δim|)  (alignment potential, arXiv 2503.01864; z over the round's pool,
                    population std, std 0 → all zeros)
          explicit  Δex (largest first)      implicit  −|Δim| (smallest |Δim| first)
@@ -73,6 +75,10 @@ def select(pairs: pd.DataFrame, metric: str, weight: float = 1.0, top_k: int | N
     scored = pairs.sort_values("prompt_id", kind="stable").reset_index(drop=True)
     scored["metric"] = metric
     scored["score"] = metric_scores(scored, metric, weight, seed)
+    if metric == "map":
+        scored["z_margin_explicit"] = zscore(scored["margin_explicit"].to_numpy())
+        scored["z_abs_margin_implicit"] = zscore(scored["margin_implicit"].abs().to_numpy())
+        scored["map_weight"] = float(weight)
     ranked = scored.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     ranked["rank"] = np.arange(1, len(ranked) + 1)
     return ranked.head(keep_count(len(ranked), top_k, ratio, metric)).reset_index(drop=True)

@@ -17,7 +17,7 @@ import math
 import pandas as pd
 
 from ..errors import NoPairsError
-from ..modeling import load_causal_lm, load_tokenizer
+from ..modeling import load_causal_lm, load_tokenizer, torch_device
 
 log = logging.getLogger("selfplay")
 
@@ -70,6 +70,7 @@ def common_args(cfg, output_dir: str, n_pairs: int) -> dict:
         report_to="none",
         use_cpu=str(cfg.device) == "cpu",
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch_device(cfg.device).type == "cuda",  # pinning only helps host-to-GPU copies
     )
 
 
