@@ -1,4 +1,4 @@
-"""Sampling throughput of the hf sampler with transformers' TopPLogitsWarper vs selfplay's FastTopP (same nucleus),
+"""Sampling throughput of the hf sampler with transformers' TopPLogitsWarper vs selfplay's TemperatureTopP (same temperature + nucleus),
 on the embedded default policy, measured side by side in one process.
 
     .venv/bin/python bench/bench_top_p.py [--prompts 16] [--n 4] [--max-new-tokens 64] [--repeats 2]
@@ -25,7 +25,7 @@ def main() -> None:
     from selfplay.chat import generation_prompt_ids
     from selfplay.default_model import ensure_default_policy
     from selfplay.rewards.ifeval import build_prompts
-    from selfplay.samplers.hf import FastTopP, HFSampler
+    from selfplay.samplers.hf import HFSampler, TemperatureTopP
 
     sampler = HFSampler(ensure_default_policy(), "float32", torch.device("cpu"))
     tok = sampler.tokenizer
@@ -34,10 +34,11 @@ def main() -> None:
                     padding_side="left", return_tensors="pt")
 
     def run(use_fast: bool) -> float:
-        cfg = GenerationConfig(do_sample=True, temperature=0.8, top_k=0, top_p=None if use_fast else 0.95,
+        cfg = GenerationConfig(do_sample=True, temperature=None if use_fast else 0.8, top_k=0,
+                               top_p=None if use_fast else 0.95,
                                max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                                num_return_sequences=args.n, pad_token_id=tok.pad_token_id)
-        extra = {"logits_processor": [FastTopP(0.95)]} if use_fast else {}
+        extra = {"logits_processor": [TemperatureTopP(0.8, 0.95)]} if use_fast else {}
         torch.manual_seed(0)
         start = time.perf_counter()
         with torch.inference_mode():
@@ -52,7 +53,7 @@ def main() -> None:
     hf, fast = max(rates["hf_top_p"]), max(rates["fast_top_p"])
     print(f"{args.prompts} prompts x n={args.n} x {args.max_new_tokens} tokens, fp32, {torch.get_num_threads()} threads")
     print(f"transformers TopPLogitsWarper: {hf:7.1f} tok/s   (runs: {', '.join(f'{r:.1f}' for r in rates['hf_top_p'])})")
-    print(f"selfplay FastTopP:             {fast:7.1f} tok/s   (runs: {', '.join(f'{r:.1f}' for r in rates['fast_top_p'])})")
+    print(f"selfplay TemperatureTopP:      {fast:7.1f} tok/s   (runs: {', '.join(f'{r:.1f}' for r in rates['fast_top_p'])})")
     print(f"ratio fast/hf: {fast / hf:.2f}")
 
 

@@ -34,46 +34,19 @@ def smol_tokenizer():
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
-def _llama_config(tokenizer, **extra):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, **extra)
-
-
 @pytest.fixture(scope="session")
 def tiny_policy(tmp_path_factory, smol_tokenizer) -> Path:
     """A 2-layer random Llama policy with SmolLM2's tokenizer and chat template, saved as safetensors."""
-    import torch
-    from transformers import LlamaForCausalLM
+    from selfplay.testing import make_policy
 
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-policy")
-    LlamaForCausalLM(_llama_config(smol_tokenizer)).save_pretrained(out)
-    smol_tokenizer.save_pretrained(out)
-    return out
+    return make_policy(smol_tokenizer, tmp_path_factory.mktemp("tiny-policy"))
 
 
 @pytest.fixture(scope="session")
 def tiny_reward_model(tmp_path_factory, smol_tokenizer) -> Path:
-    """A random 1-label sequence classifier. Its pad token is <|endoftext|>, not the <|im_end|> that ends every chat
-    turn, so the classifier reads the true last token of each conversation."""
-    import copy
+    from selfplay.testing import make_reward_model
 
-    import torch
-    from transformers import LlamaForSequenceClassification
-
-    tokenizer = copy.deepcopy(smol_tokenizer)
-    tokenizer.pad_token = "<|endoftext|>"
-    torch.manual_seed(1)
-    out = tmp_path_factory.mktemp("tiny-rm")
-    config = _llama_config(tokenizer, num_labels=1)
-    config.pad_token_id = tokenizer.pad_token_id
-    LlamaForSequenceClassification(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return make_reward_model(smol_tokenizer, tmp_path_factory.mktemp("tiny-rm"))
 
 
 def run_cli(*args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:

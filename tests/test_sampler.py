@@ -19,6 +19,26 @@ def test_nucleus_matches_transformers_top_p(top_p):
     assert not got.all(dim=-1).any()  # at least one token survives
 
 
+def test_sampled_tokens_equal_transformers_temperature_and_top_p(tiny_policy):
+    """Whole generate() calls, same seed: selfplay's processor vs HF's own TemperatureLogitsWarper + TopPLogitsWarper
+    must pick the same tokens (this also pins the processor's position in HF's pipeline)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from selfplay.samplers.hf import TemperatureTopP
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy)
+    ids = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 2]])
+    outs = []
+    for ours in (False, True):
+        cfg = GenerationConfig(do_sample=True, max_new_tokens=24, min_new_tokens=24, num_return_sequences=6,
+                               temperature=None if ours else 0.7, top_p=None if ours else 0.9, top_k=0,
+                               pad_token_id=2)
+        torch.manual_seed(3)
+        extra = {"logits_processor": [TemperatureTopP(0.7, 0.9)]} if ours else {}
+        outs.append(model.generate(ids, generation_config=cfg, **extra))
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_generation_is_seeded_and_n_per_prompt(tiny_policy):
     from selfplay.samplers.hf import HFSampler
 

@@ -42,13 +42,19 @@ def nucleus_mask(scores, top_p: float, candidates: int = 512):
     return remove
 
 
-class FastTopP:
-    """LogitsProcessor form of nucleus_mask (runs after HF's temperature warper)."""
+class TemperatureTopP:
+    """Temperature then nucleus, as one LogitsProcessor: the same as transformers' TemperatureLogitsWarper followed
+    by TopPLogitsWarper. Both steps live here because generate() runs user processors *before* its own warpers,
+    so a top-p processor alone would see untempered logits."""
 
-    def __init__(self, top_p: float):
+    def __init__(self, temperature: float, top_p: float):
+        self.temperature = temperature
         self.top_p = top_p
 
     def __call__(self, input_ids, scores):
+        scores = scores / self.temperature
+        if self.top_p >= 1.0:
+            return scores
         return scores.masked_fill(nucleus_mask(scores, self.top_p), -float("inf"))
 
 
@@ -69,15 +75,15 @@ class HFSampler:
         order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
         gen_config = GenerationConfig(
             do_sample=not spec.greedy,
-            temperature=None if spec.greedy else spec.temperature,
-            top_p=None,  # applied by FastTopP (same nucleus as HF's warper, without a full-vocabulary sort)
+            temperature=None,  # temperature and top-p are applied by TemperatureTopP (HF's order, faster nucleus)
+            top_p=None,
             top_k=None if spec.greedy else 0,
             max_new_tokens=spec.max_new_tokens,
             num_return_sequences=spec.n,
             eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        processors = [FastTopP(spec.top_p)] if not spec.greedy and spec.top_p < 1.0 else []
+        processors = [] if spec.greedy else [TemperatureTopP(spec.temperature, spec.top_p)]
         results: list[Completion] = []
         new_tokens = 0
         started = time.time()
