@@ -54,7 +54,6 @@ def _app(cfg) -> None:
             raise SelfplayError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
         if cfg.round is None:
             raise SelfplayError(f"`selfplay stage {stage}` needs round=R")
-        pipeline.save_config(cfg, run_dir)
         pipeline.run_stage(cfg, run_dir, stage, cfg.round, set(cfg.force))
     except SelfplayError as err:
         # The message says what to fix; a traceback would only bury it.

@@ -128,6 +128,7 @@ def run_stage(cfg: DictConfig, run_dir: Path, stage: str, r: int, forced: set[st
         log.info("round %d %-8s skipped (%s)", r, stage, decision.reason)
         return mf.read_manifest(rdir, stage)
     log.info("round %d %-8s running (%s)", r, stage, decision.reason)
+    save_config(cfg, run_dir)  # the config that produces what follows; a refused run never gets here
     with mf.StageWriter(rdir, stage, stage_outputs(module, r)) as writer:
         ctx = StageContext(cfg=cfg, run_dir=run_dir, round=r, out=writer.tmp)
         module.run(ctx)
@@ -158,7 +159,6 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     """All rounds; returns one summary dict per round (also printed as a line each)."""
     from .report import round_summary, write_report
 
-    save_config(cfg, run_dir)
     forced = set(cfg.force)
     summaries = []
     started = time.time()

@@ -44,8 +44,10 @@ def _plot(run_dir: Path, summaries: list[dict[str, Any]]) -> str | None:
 
     rounds = [s["round"] + 1 for s in summaries]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    # Every policy answers the same held-out prompts, so the error bar is the paired s.e. of its gain over π_0.
     ax.errorbar([0, *rounds], [summaries[0]["base_heldout_reward"]] + [s["heldout_reward"] for s in summaries],
-                yerr=[0.0] + [s["heldout_stderr"] for s in summaries], marker="o", capsize=3, label="held-out reward")
+                yerr=[0.0] + [s["gain_stderr"] for s in summaries], marker="o", capsize=3,
+                label="held-out reward (bars: paired s.e. of the gain over π_0)")
     ax.plot([s["round"] for s in summaries], [s["sample_mean_reward"] for s in summaries], marker="s",
             linestyle="--", label="mean reward of round's samples (π_r)")
     ax.set_xlabel("policy π_k (k = rounds trained)")

@@ -123,8 +123,10 @@ def test_rerun_skips_everything(tiny_run):
 
 def test_changed_config_for_a_finished_stage_is_refused(tiny_run):
     run_dir, overrides, _ = tiny_run
+    config_before = (run_dir / "config.yaml").read_text()
     proc = run_cli("run", *overrides, "sampler.temperature=0.5")
     assert proc.returncode == 2
+    assert (run_dir / "config.yaml").read_text() == config_before  # still the config that made the outputs
     assert "round_00/generate already finished with a different config" in proc.stderr
     assert "sampler.temperature: 0.8 -> 0.5" in proc.stderr and "force=[generate]" in proc.stderr
     assert "Traceback" not in proc.stderr
