@@ -41,10 +41,10 @@ def read_prompt_file(path: str, column: str, id_column: str | None) -> pd.DataFr
             raise InputError(f"prompts file {file}: unsupported type {suffix!r} (use .parquet, .jsonl, .json or .csv)")
     except (ValueError, UnicodeDecodeError) as err:
         raise InputError(f"prompts file {file}: cannot be read ({type(err).__name__}: {err})") from err
-    if column not in df.columns:
-        raise InputError(f"prompts file {file}: no column {column!r} (columns: {list(df.columns)}); set prompts.column")
     if df.empty:
         raise InputError(f"prompts file {file}: no rows")
+    if column not in df.columns:
+        raise InputError(f"prompts file {file}: no column {column!r} (columns: {list(df.columns)}); set prompts.column")
     df = df.rename(columns={column: "prompt"})
     if id_column is not None:
         if id_column not in df.columns:
