@@ -118,9 +118,9 @@ class TrainerConfig:
     # SimPO target reward margin γ (TRL's simpo_gamma); unused by DPO.
     gamma: float = 0.5
     # Optimizer learning rate.
-    learning_rate: float = 5e-6
+    learning_rate: float = 1e-5
     # Passes over the round's selected pairs.
-    epochs: int = 2
+    epochs: int = 1
     # Pairs per device per optimizer micro-step.
     batch_size: int = 4
     # Micro-steps per optimizer step.

@@ -209,3 +209,26 @@ def test_stage_refuses_to_start_before_its_inputs(tmp_path, tiny_policy):
     proc = run_cli("stage", "score", "round=0", *tiny_overrides(tmp_path, tiny_policy, None, run_name="early"))
     assert proc.returncode == 2
     assert "needs round_00/generate, which has not finished" in proc.stderr
+
+
+def test_dpo_form_margin_and_training_against_a_configured_reference(tiny_run, tmp_path, tiny_policy):
+    run_dir, overrides, _ = tiny_run
+    copy = tmp_path / "ref"
+    shutil.copytree(run_dir, copy / "tiny")
+    base = [o for o in overrides if not o.startswith("output_root=")] + [f"output_root={copy}",
+                                                                          f"model.reference={tiny_policy}"]
+    for stage, force in (("margin", ["force=[margin]"]), ("select", []), ("train", ["force=[train]"])):
+        proc = run_cli("stage", stage, "round=1", *base, *force)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    pairs = pd.read_parquet(copy / "tiny" / "round_01" / "pairs.parquet")
+    # ρ(y) = β·(log π_1(y|x) − log π_ref(y|x)), summed over tokens; β = margin.beta = 0.1
+    expected = 0.1 * ((pairs["logp_chosen_sum"] - pairs["ref_logp_chosen_sum"])
+                      - (pairs["logp_rejected_sum"] - pairs["ref_logp_rejected_sum"]))
+    np.testing.assert_allclose(pairs["margin_implicit"], expected, atol=1e-9)
+    assert (pairs["logp_chosen_sum"] != pairs["ref_logp_chosen_sum"]).all()  # π_1 was trained away from π_0
+    stats = json.loads((copy / "tiny" / "round_01" / "margin.done.json").read_text())["stats"]
+    assert stats["form"] == "dpo"
+    train = json.loads((copy / "tiny" / "round_01" / "train.done.json").read_text())
+    assert train["config"]["model.reference"] == str(tiny_policy)
+    # π_1 vs the π_0 reference: the first DPO loss is no longer ln 2
+    assert abs(train["stats"]["first_loss"] - 0.69315) > 1e-4

@@ -17,7 +17,9 @@ log = logging.getLogger("selfplay")
 
 
 def nucleus_mask(scores, top_p: float, candidates: int = 512):
-    """Boolean mask of the tokens outside the top-p nucleus — the same set as transformers' TopPLogitsWarper.
+    """Boolean mask of the tokens outside the top-p nucleus — the set transformers' TopPLogitsWarper removes, up to
+    float rounding at the boundary (HF sums ascending over the whole vocabulary, this sums descending over the top
+    candidates; a token within rounding of the threshold can land either side: 1 of 576 default-run responses).
 
     HF's warper sorts the whole vocabulary at every step (a quarter of sampling time for a 49k vocabulary on a
     CPU). A token is kept when the probability mass ranked above it is < top_p; when the `candidates` most likely
