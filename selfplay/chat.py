@@ -16,6 +16,13 @@ from typing import Any
 Messages = list[dict[str, str]]
 
 
+def template_sha256(tokenizer: Any) -> str:
+    """Short hash of the chat template a stage used (recorded in its manifest, shown in the round's card)."""
+    import hashlib
+
+    return hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest()[:16]
+
+
 def prompt_messages(prompt: str) -> Messages:
     return [{"role": "user", "content": prompt}]
 

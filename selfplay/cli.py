@@ -5,6 +5,7 @@
     selfplay run -m selection.metric=map,random,explicit           a sweep, one run directory per value
     selfplay stage generate round=1                one stage of one round (SLURM array tasks use this)
     selfplay status [RUN_DIR | overrides…] [--json]
+    selfplay report RUN_DIR                        rebuild report.md and every round's card.md from the files
 Re-running the same command resumes: complete stages are skipped.
 """
 
@@ -115,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         return _hydra(rest[1:])
     if command == "status":
         return _status(rest)
+    if command == "report":
+        if len(rest) != 1 or not Path(rest[0]).is_dir():
+            print("usage: selfplay report RUN_DIR", file=sys.stderr)
+            return 2
+        from .report import rebuild
+
+        print(rebuild(Path(rest[0])))
+        return 0
     print(f"selfplay: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

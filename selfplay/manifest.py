@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import Iterable, Mapping
@@ -178,7 +179,9 @@ class StageWriter:
             "outputs": outputs,
             "fingerprint": fingerprint(outputs),
             "stats": dict(stats),
-            "timings": {"started": self.started, "finished": time.time(), "seconds": round(time.time() - self.started, 3)},
+            "timings": {"started": self.started, "finished": time.time(), "seconds": round(time.time() - self.started, 3),
+                        # the process's peak so far (Linux reports KiB)
+                        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
         }
         write_json_atomic(manifest_path(self.round_dir, self.stage), manifest)
         return manifest

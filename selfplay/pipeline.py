@@ -157,6 +157,7 @@ def run_round(cfg: DictConfig, run_dir: Path, r: int, forced: set[str]) -> dict[
 
 def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     """All rounds; returns one summary dict per round (also printed as a line each)."""
+    from .card import write_round_card
     from .report import round_summary, write_report
 
     forced = set(cfg.force)
@@ -164,6 +165,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     started = time.time()
     for r in range(cfg.rounds):
         manifests = run_round(cfg, run_dir, r, forced)
+        write_round_card(run_dir, r)
         summary = round_summary(r, manifests)
         summaries.append(summary)
         log.info("%s", summary["line"])

@@ -23,7 +23,7 @@ def round_summary(r: int, manifests: dict[str, dict]) -> dict[str, Any]:
         "base_heldout_reward": ev["base_mean_reward"],
         "win_rate_vs_base": ev["win_rate_vs_base"],
         "gain_vs_base": ev["reward_gain_vs_base"],
-        "gain_stderr": ev["reward_gain_stderr"],
+        "gain_stderr": ev.get("reward_gain_stderr", float("nan")),  # absent in runs made before it existed
         "seconds": sec,
     }
     times = " ".join(f"{stage} {sec[stage]:.0f}s" for stage in sec)
@@ -63,6 +63,24 @@ def _plot(run_dir: Path, summaries: list[dict[str, Any]]) -> str | None:
     return name
 
 
+def rebuild(run_dir: Path) -> Path:
+    """`selfplay report RUN_DIR`: cards and report.md again from the files of every finished round."""
+    from .card import write_round_card
+    from .config import STAGES
+    from .manifest import read_manifest
+
+    summaries = []
+    r = 0
+    while (rdir := run_dir / f"round_{r:02d}").is_dir():
+        manifests = {stage: read_manifest(rdir, stage) for stage in STAGES}
+        if manifests["select"] is not None:
+            write_round_card(run_dir, r)
+        if all(m is not None for m in manifests.values()):
+            summaries.append(round_summary(r, manifests))
+        r += 1
+    return write_report(run_dir, summaries)
+
+
 def write_report(run_dir: Path, summaries: list[dict[str, Any]]) -> Path:
     lines = [f"# selfplay run `{run_dir.name}`", ""]
     if summaries:
@@ -74,6 +92,8 @@ def write_report(run_dir: Path, summaries: list[dict[str, Any]]) -> Path:
                   f"{s['sample_mean_reward']:.3f} | {s['heldout_reward']:.3f} | {s['gain_vs_base']:+.3f} "
                   f"({s['gain_stderr']:.3f}) | {s['win_rate_vs_base']:.2f} |" for s in summaries]
         lines += ["", f"Held-out reward of π_0: {summaries[0]['base_heldout_reward']:.3f}.", ""]
+        lines += ["Per-round data cards: " + ", ".join(f"[round {s['round']}](round_{s['round']:02d}/card.md)"
+                                                    for s in summaries), ""]
         lines += ["## Seconds per stage", "", "| round | " + " | ".join(summaries[0]["seconds"]) + " |",
                   "|---" * (len(summaries[0]["seconds"]) + 1) + "|"]
         lines += [f"| {s['round']} | " + " | ".join(f"{v:.0f}" for v in s["seconds"].values()) + " |" for s in summaries]

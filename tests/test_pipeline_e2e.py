@@ -232,3 +232,40 @@ def test_dpo_form_margin_and_training_against_a_configured_reference(tiny_run, t
     assert train["config"]["model.reference"] == str(tiny_policy)
     # π_1 vs the π_0 reference: the first DPO loss is no longer ln 2
     assert abs(train["stats"]["first_loss"] - 0.69315) > 1e-4
+
+
+def test_round_cards_match_the_parquet_files_and_rebuild(tiny_run, tmp_path):
+    run_dir, _, _ = tiny_run
+    report = (run_dir / "report.md").read_text()
+    for r in range(2):
+        rdir = run_dir / f"round_{r:02d}"
+        assert f"(round_{r:02d}/card.md)" in report
+        card = (rdir / "card.md").read_text()
+        assert card.count("#### ") == 3 and "## Example pairs" in card
+        for png in ("card_rewards.png", "card_margins_scatter.png", "card_margin_hist.png", "card_length_bias.png"):
+            assert (rdir / png).stat().st_size > 2000 and png in card
+        numbers = json.loads((rdir / "card.json").read_text())
+        # recomputed here, independently of selfplay.card
+        scores = pd.read_parquet(rdir / "scores")
+        pairs = pd.read_parquet(rdir / "pairs.parquet")
+        kept_ids = set(pd.read_parquet(rdir / "selected.parquet")["prompt_id"])
+        kept = pairs[pairs["prompt_id"].isin(kept_ids)]
+        dropped = pairs[~pairs["prompt_id"].isin(kept_ids)]
+        assert numbers["samples"] == len(scores) and numbers["prompts"] == scores["prompt_id"].nunique()
+        assert numbers["all_tie_prompts"] == int((scores.groupby("prompt_id")["reward"].nunique() == 1).sum())
+        assert (numbers["pairs"], numbers["kept"], numbers["dropped"]) == (len(pairs), len(kept), len(dropped))
+        assert numbers["mean_reward"] == pytest.approx(scores["reward"].mean())
+        assert numbers["mean_margin_explicit_kept"] == pytest.approx(kept["margin_explicit"].mean())
+        assert numbers["mean_abs_margin_implicit_kept"] == pytest.approx(kept["margin_implicit"].abs().mean())
+        assert numbers["mean_tokens_chosen"] == pytest.approx(pairs["n_tokens_chosen"].mean())
+        corr = scores["reward"].corr(scores["n_tokens"])  # NaN when a column is constant; the card says None
+        assert numbers["reward_length_correlation"] == (None if np.isnan(corr) else pytest.approx(corr))
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    for r in range(2):
+        (copy / f"round_{r:02d}" / "card.json").unlink()
+    proc = run_cli("report", str(copy))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for r in range(2):
+        name = f"round_{r:02d}/card.json"
+        assert (copy / name).read_text() == (run_dir / name).read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..chat import template_sha256
 from ..samplers import SamplingSpec, build_sampler
 
 OUTPUTS = ("generations",)
@@ -59,4 +60,5 @@ def run(ctx) -> None:
         tokens=int(df["n_tokens"].sum()),
         mean_response_tokens=round(float(df["n_tokens"].mean()), 2),
         hit_length_limit=int((df["finish_reason"] == "length").sum()),
+        chat_template_sha256=template_sha256(sampler.tokenizer),
     )

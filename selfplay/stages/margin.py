@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from ..chat import training_tokens
+from ..chat import template_sha256, training_tokens
 from ..logprobs import completion_logps
 from ..modeling import load_causal_lm, load_tokenizer, resolve_model_path
 
@@ -44,27 +44,28 @@ def unique_responses(pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(sides).drop_duplicates(["prompt_id", "sample_idx"]).reset_index(drop=True)
 
 
-def score_model(model_path, responses: pd.DataFrame, cfg, device, desc: str) -> tuple[np.ndarray, np.ndarray]:
+def score_model(model_path, responses: pd.DataFrame, cfg, device, desc: str) -> tuple[np.ndarray, np.ndarray, str]:
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     model = load_causal_lm(model_path, cfg.model.dtype, device, cfg.model.trust_remote_code)
     sequences = [
         training_tokens(tokenizer, p, r, cfg.trainer.objective, cfg.trainer.max_length)
         for p, r in zip(responses["prompt"], responses["response"], strict=True)
     ]
-    return completion_logps(model, sequences, device, cfg.margin.batch_size, tokenizer.pad_token_id, desc=desc,
-                            bf16=cfg.trainer.bf16)
+    sums, counts = completion_logps(model, sequences, device, cfg.margin.batch_size, tokenizer.pad_token_id,
+                                    desc=desc, bf16=cfg.trainer.bf16)
+    return sums, counts, template_sha256(tokenizer)
 
 
 def run(ctx) -> None:
     cfg = ctx.cfg
     pairs = ctx.read_parquet("candidate_pairs.parquet")
     responses = unique_responses(pairs)
-    sums, counts = score_model(ctx.policy_path(), responses, cfg, ctx.device, f"round {ctx.round} margin")
+    sums, counts, template = score_model(ctx.policy_path(), responses, cfg, ctx.device, f"round {ctx.round} margin")
     responses["logp_sum"] = sums
     responses["n_tokens"] = counts
     responses["logp_mean"] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     if cfg.model.reference:
-        ref_sums, _ = score_model(resolve_model_path(cfg.model.reference), responses, cfg, ctx.device,
+        ref_sums, _, _ = score_model(resolve_model_path(cfg.model.reference), responses, cfg, ctx.device,
                                   f"round {ctx.round} reference")
         responses["ref_logp_sum"] = ref_sums
 
@@ -92,5 +93,6 @@ def run(ctx) -> None:
         pairs = pairs[~empty].reset_index(drop=True)
     pairs.to_parquet(ctx.out / "pairs.parquet", index=False)
     ctx.stats.update(pairs=len(pairs), responses_scored=len(responses), dropped_truncated=int(empty.sum()),
+                     tokens=int(counts.sum()), chat_template_sha256=template,
                      form="dpo" if cfg.model.reference else "simpo",
                      mean_margin_implicit=round(float(pairs["margin_implicit"].mean()), 4) if len(pairs) else None)

@@ -16,6 +16,7 @@ import math
 
 import pandas as pd
 
+from ..chat import template_sha256
 from ..errors import NoPairsError
 from ..modeling import load_causal_lm, load_tokenizer, torch_device
 
@@ -129,4 +130,4 @@ def run(ctx) -> None:
                      first_loss=round(losses[0], 5) if losses else None,
                      final_loss=round(losses[-1], 5) if losses else None,
                      train_seconds=round(result.metrics.get("train_runtime", 0.0), 2),
-                     objective=cfg.trainer.objective)
+                     objective=cfg.trainer.objective, chat_template_sha256=template_sha256(tokenizer))
