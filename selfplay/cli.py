@@ -94,8 +94,8 @@ def _status(args: list[str]) -> int:
     if not run_dir.is_dir():
         print(f"selfplay status: no run directory {run_dir}", file=sys.stderr)
         return 2
-    table = run_status(run_dir, rounds)
-    print(status_json(table) if as_json else format_status(run_dir, table))
+    status = run_status(run_dir, rounds)
+    print(status_json(status) if as_json else format_status(status))
     return 0
 
 

@@ -1,4 +1,8 @@
-"""`selfplay status`: which stages of which rounds are complete (from the manifests alone)."""
+"""`selfplay status`: which stages of which rounds are complete (from the manifests alone).
+
+The terminal form is a rounds × stages table (state, rows, seconds); `--json` gives the same for scripts, with
+`missing` listing every stage not complete as `round_XX/stage`.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,13 @@ from typing import Any
 from .config import STAGES
 from .manifest import outputs_present, read_manifest
 
+# The stat that counts a stage's output rows.
+ROWS_STAT = {"prompts": "rows", "generate": "responses", "score": "responses", "pair": "pairs", "margin": "pairs",
+             "select": "selected", "train": "pairs", "eval": "heldout_prompts"}
 
-def run_status(run_dir: Path, rounds: int | None = None) -> list[dict[str, Any]]:
-    """One row per round: each stage's state (done / stale / missing), rows written and seconds taken."""
+
+def run_status(run_dir: Path, rounds: int | None = None) -> dict[str, Any]:
+    """Each round's stages: state (done / running / missing / damaged), rows written and seconds taken."""
     found = sorted(int(p.name.split("_")[1]) for p in run_dir.glob("round_[0-9][0-9]") if p.is_dir())
     n_rounds = max(rounds or 0, (found[-1] + 1) if found else 0)
     table = []
@@ -21,33 +29,40 @@ def run_status(run_dir: Path, rounds: int | None = None) -> list[dict[str, Any]]
         for stage in STAGES:
             m = read_manifest(rdir, stage)
             if m is None:
+                # a temp dir means the stage started and has not finished: running now, or killed
                 state = "running" if (rdir / f".tmp-{stage}").exists() else "missing"
                 row["stages"][stage] = {"state": state}
             else:
                 row["stages"][stage] = {
                     "state": "done" if outputs_present(rdir, m) else "damaged",
+                    "rows": m["stats"].get(ROWS_STAT[stage]),
                     "seconds": m["timings"]["seconds"],
-                    "stats": m["stats"],
                 }
         table.append(row)
-    return table
+    missing = [f"round_{row['round']:02d}/{stage}" for row in table for stage, st in row["stages"].items()
+               if st["state"] != "done"]
+    return {"run_dir": str(run_dir), "rounds": table, "missing": missing}
 
 
-def format_status(run_dir: Path, table: list[dict[str, Any]]) -> str:
+def format_status(status: dict[str, Any]) -> str:
     mark = {"done": "✓", "missing": "·", "running": "…", "damaged": "✗"}
-    header = f"{'round':<6}" + "".join(f"{s:>10}" for s in STAGES)
-    lines = [f"run {run_dir}", header]
-    for row in table:
+    width = 14
+    lines = [f"run {status['run_dir']}", f"{'round':<6}" + "".join(f"{s:>{width}}" for s in STAGES)]
+    for row in status["rounds"]:
         cells = []
         for stage in STAGES:
             st = row["stages"][stage]
-            cells.append(f"{mark[st['state']]} {st['seconds']:.0f}s" if st["state"] == "done" else mark[st["state"]])
-        lines.append(f"{row['round']:<6}" + "".join(f"{c:>10}" for c in cells))
-    done = sum(st["state"] == "done" for row in table for st in row["stages"].values())
-    total = len(table) * len(STAGES)
-    lines.append(f"{done}/{total} stages complete  (✓ done, · missing, … running or interrupted, ✗ outputs damaged)")
+            if st["state"] == "done":
+                rows = "" if st["rows"] is None else f"{st['rows']}r "
+                cells.append(f"✓ {rows}{st['seconds']:.0f}s")
+            else:
+                cells.append(mark[st["state"]])
+        lines.append(f"{row['round']:<6}" + "".join(f"{c:>{width}}" for c in cells))
+    total = len(status["rounds"]) * len(STAGES)
+    lines.append(f"{total - len(status['missing'])}/{total} stages complete  (✓ done: rows, seconds · missing "
+                 "… started, running or interrupted ✗ outputs damaged)")
     return "\n".join(lines)
 
 
-def status_json(table: list[dict[str, Any]]) -> str:
-    return json.dumps(table, indent=2, default=str)
+def status_json(status: dict[str, Any]) -> str:
+    return json.dumps(status, indent=2, default=str)

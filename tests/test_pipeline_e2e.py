@@ -90,6 +90,19 @@ def test_selected_loads_with_datasets_and_map_scores_recompute(tiny_run):
         assert selected["score"].is_monotonic_decreasing
 
 
+def test_round_folder_loads_as_a_dataset_through_its_card(tiny_run):
+    from datasets import load_dataset
+
+    run_dir, _, _ = tiny_run
+    rdir = run_dir / "round_00"
+    card = (rdir / "README.md").read_text()
+    assert card.startswith("---\n") and "path: selected.parquet" in card
+    ds = load_dataset(str(rdir))  # datasets reads the card's configs: only the selected pairs
+    selected = pd.read_parquet(rdir / "selected.parquet")
+    assert list(ds) == ["train"] and ds["train"].num_rows == len(selected)
+    assert ds["train"]["prompt_id"] == selected["prompt_id"].tolist()
+
+
 def test_training_changed_the_policy(tiny_run, tiny_policy):
     from safetensors.torch import load_file
 
@@ -105,11 +118,30 @@ def test_training_changed_the_policy(tiny_run, tiny_policy):
 def test_status_reports_every_stage_complete(tiny_run):
     run_dir, _, _ = tiny_run
     proc = run_cli("status", str(run_dir), "--json")
-    table = json.loads(proc.stdout)
-    assert [row["round"] for row in table] == [0, 1]
-    assert all(st["state"] == "done" for row in table for st in row["stages"].values())
+    status = json.loads(proc.stdout)
+    assert [row["round"] for row in status["rounds"]] == [0, 1] and status["missing"] == []
+    assert all(st["state"] == "done" for row in status["rounds"] for st in row["stages"].values())
+    assert status["rounds"][0]["stages"]["generate"]["rows"] == 18  # 6 prompts x 3 samples
     text = run_cli("status", str(run_dir)).stdout
-    assert "16/16 stages complete" in text
+    assert "16/16 stages complete" in text and "18r" in text
+
+
+def test_status_json_lists_exactly_the_missing_stages(tiny_run, tmp_path):
+    run_dir, _, _ = tiny_run
+    copy = tmp_path / "half" / "tiny"
+    shutil.copytree(run_dir, copy)
+    (copy / "round_01" / "train.done.json").unlink()  # as if killed in round 1's training
+    (copy / "round_01" / ".tmp-train").mkdir()
+    (copy / "round_01" / "eval.done.json").unlink()
+    shutil.rmtree(copy / "round_01" / "policy")
+    status = json.loads(run_cli("status", str(copy), "--json").stdout)
+    assert status["missing"] == ["round_01/train", "round_01/eval"]
+    assert status["rounds"][1]["stages"]["train"]["state"] == "running"
+    assert status["rounds"][1]["stages"]["eval"]["state"] == "missing"
+    # asking about more rounds than exist lists the future ones too
+    more = json.loads(run_cli("status", f"output_root={tmp_path / 'half'}", "run_name=tiny", "rounds=3",
+                              "--json").stdout)
+    assert more["missing"] == ["round_01/train", "round_01/eval"] + [f"round_02/{s}" for s in STAGES]
 
 
 def test_rerun_skips_everything(tiny_run):

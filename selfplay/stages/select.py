@@ -5,6 +5,8 @@ Output:  round_XX/selected.parquet   pairs' columns + metric, score, rank (1 = k
          z_margin_explicit, z_abs_margin_implicit and map_weight (z over the whole pool, so the score can be
          checked from the file alone). Loads with `datasets.load_dataset("parquet", data_files=…)` and trains
          in TRL as-is (conversational columns).
+         round_XX/README.md          a Hugging Face dataset card whose `configs` point at selected.parquet, so
+         `datasets.load_dataset("round_XX")` (or the folder pushed to the Hub) loads exactly the selected pairs.
 Metrics: map       z(Δex) − w·z(|Δim|)  (alignment potential, arXiv 2503.01864; z over the round's pool,
                    population std, std 0 → all zeros)
          explicit  Δex (largest first)      implicit  −|Δim| (smallest |Δim| first)
@@ -22,7 +24,7 @@ import pandas as pd
 
 log = logging.getLogger("selfplay")
 
-OUTPUTS = ("selected.parquet",)
+OUTPUTS = ("selected.parquet", "README.md")
 CONFIG = ("selection", "seed")
 
 
@@ -84,6 +86,35 @@ def select(pairs: pd.DataFrame, metric: str, weight: float = 1.0, top_k: int | N
     return ranked.head(keep_count(len(ranked), top_k, ratio, metric)).reset_index(drop=True)
 
 
+def dataset_card(ctx, selected: pd.DataFrame, pool: int) -> str:
+    """HF dataset-card text: YAML header (what `datasets` reads) and how the pairs were made."""
+    cfg = ctx.cfg
+    sel = cfg.selection
+    how = {"map": f"MAP alignment potential z(Δex) − {sel.weight}·z(|Δim|) (arXiv 2503.01864)",
+           "explicit": "largest explicit (reward-model) margin", "implicit": "smallest |implicit margin|",
+           "random": "a seeded random subset", "all": "no selection (every non-tie pair)"}[sel.metric]
+    judge = cfg.reward.function if cfg.reward.backend == "function" else cfg.reward.model
+    policy = cfg.model.path if ctx.round == 0 else f"round_{ctx.round - 1:02d}/policy of this run"
+    return "\n".join([
+        "---",
+        "task_categories:", "- text-generation",
+        "tags:", "- dpo", "- preference", "- self-play", "- selfplay",
+        "size_categories:", "- n<1K" if len(selected) < 1000 else "- 1K<n<10K" if len(selected) < 10_000 else "- 10K<n<100K",
+        "configs:", "- config_name: default", "  data_files:", "  - split: train", "    path: selected.parquet",
+        "---", "",
+        f"# selfplay round {ctx.round}: selected preference pairs", "",
+        f"{len(selected)} preference pairs kept from a pool of {pool} by {how}. Each pair is the highest- and "
+        f"lowest-reward of {cfg.sampler.n} responses sampled (T={cfg.sampler.temperature}, top-p {cfg.sampler.top_p}) "
+        f"from the policy π_{ctx.round} ({policy}), judged by `{judge}`.", "",
+        "Columns: `prompt`, `chosen`, `rejected` in TRL's conversational preference format; `reward_chosen`, "
+        "`reward_rejected`, `margin_explicit` (Δex), `margin_implicit` (Δim under π_r), the log-probabilities "
+        "behind it, and `metric`, `score`, `rank` of the selection.", "",
+        "```python", "from datasets import load_dataset", "",
+        "pairs = load_dataset(\"path/to/round_dir\")[\"train\"]   # or a Hub repo holding this folder",
+        "# trl.DPOTrainer(model=..., train_dataset=pairs, ...) applies the same chat template selfplay used", "```", "",
+        "Made by selfplay's select stage; the run's `config.yaml` (one folder up) has every setting.", ""])
+
+
 def run(ctx) -> None:
     sel = ctx.cfg.selection
     pairs = ctx.read_parquet("pairs.parquet")
@@ -92,6 +123,7 @@ def run(ctx) -> None:
                     ctx.round, sel.top_k, len(pairs))
     selected = select(pairs, sel.metric, sel.weight, sel.top_k, sel.ratio, seed=ctx.cfg.seed * 1_000 + ctx.round)
     selected.to_parquet(ctx.out / "selected.parquet", index=False)
+    (ctx.out / "README.md").write_text(dataset_card(ctx, selected, len(pairs)))
     ctx.stats.update(pool=len(pairs), selected=len(selected), metric=sel.metric,
                      mean_margin_explicit_selected=round(float(selected["margin_explicit"].mean()), 4) if len(selected) else None,
                      mean_abs_margin_implicit_selected=round(float(selected["margin_implicit"].abs().mean()), 4) if len(selected) else None)
