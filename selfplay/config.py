@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
 from .errors import SelfplayError
 
@@ -247,4 +246,4 @@ def register() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
 
 
-__all__ = ["Config", "ConfigError", "STAGES", "register", "validate", "MISSING"]
+__all__ = ["Config", "ConfigError", "STAGES", "register", "validate"]

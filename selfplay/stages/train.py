@@ -51,7 +51,7 @@ def _dpo_trainer_class():
     return PrecomputedReferenceDPOTrainer
 
 
-def common_args(cfg, output_dir: str, n_pairs: int) -> dict:
+def common_args(cfg, output_dir: str) -> dict:
     t = cfg.trainer
     return dict(
         output_dir=output_dir,
@@ -84,7 +84,7 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
     if t.objective == "simpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-        args = CPOConfig(**common_args(cfg, output_dir, len(selected)), loss_type="simpo", cpo_alpha=0.0,
+        args = CPOConfig(**common_args(cfg, output_dir), loss_type="simpo", cpo_alpha=0.0,
                          simpo_gamma=t.gamma)
         return CPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), processing_class=tokenizer)
 
@@ -99,7 +99,7 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
 
         ref_model = load_causal_lm(resolve_model_path(cfg.model.reference), cfg.model.dtype, model.device,
                                    cfg.model.trust_remote_code)
-    args = DPOConfig(**common_args(cfg, output_dir, len(selected)), precompute_ref_log_probs=reuse)
+    args = DPOConfig(**common_args(cfg, output_dir), precompute_ref_log_probs=reuse)
     return _dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(columns),
                                 processing_class=tokenizer)
 
