@@ -156,7 +156,8 @@ def write_round_card(run_dir: Path, r: int) -> Path:
         tokens = m["stats"].get("tokens")
         rate = f"{tokens / m['timings']['seconds']:.0f} tok/s" if tokens and m["timings"]["seconds"] else ""
         template = m["stats"].get("chat_template_sha256", "")
-        lines.append(f"| {stage} | {m['timings']['seconds']:.1f} | {rate} | {_fmt(m['timings'].get('peak_rss_mb'))} | "
+        rss = m["timings"].get("peak_rss_mb")
+        lines.append(f"| {stage} | {m['timings']['seconds']:.1f} | {rate} | {'–' if rss is None else f'{rss:.0f}'} | "
                      f"`{m['config_hash']}` | {f'`{template}`' if template else ''} |")
     if len(pairs):
         from .stages.select import select

@@ -22,6 +22,9 @@ def round_summary(r: int, manifests: dict[str, dict]) -> dict[str, Any]:
         "heldout_stderr": ev["stderr_reward"],
         "base_heldout_reward": ev["base_mean_reward"],
         "win_rate_vs_base": ev["win_rate_vs_base"],
+        "mean_response_tokens": st["generate"]["mean_response_tokens"],
+        "all_tie_fraction": st["pair"]["ties_dropped"] / st["pair"]["prompts"],
+        "policy_judge_agreement": st["margin"].get("implicit_agrees_with_judge"),
         "gain_vs_base": ev["reward_gain_vs_base"],
         "gain_stderr": ev.get("reward_gain_stderr", float("nan")),  # absent in runs made before it existed
         "seconds": sec,
@@ -92,6 +95,15 @@ def write_report(run_dir: Path, summaries: list[dict[str, Any]]) -> Path:
                   f"{s['sample_mean_reward']:.3f} | {s['heldout_reward']:.3f} | {s['gain_vs_base']:+.3f} "
                   f"({s['gain_stderr']:.3f}) | {s['win_rate_vs_base']:.2f} |" for s in summaries]
         lines += ["", f"Held-out reward of π_0: {summaries[0]['base_heldout_reward']:.3f}.", ""]
+        lines += ["## Drift across rounds", "",
+                  "Policy–judge agreement: the share of the round's pairs that π_r already orders like the judge "
+                  "(implicit margin > 0). Rising means the policy is learning the judge's preferences on its own "
+                  "fresh samples; all-tie prompts give no pair and so no training signal.", "",
+                  "| round | mean response tokens (π_r) | all-tie prompts | policy–judge agreement |", "|---|---|---|---|"]
+        lines += [f"| {s['round']} | {s['mean_response_tokens']:.1f} | {s['all_tie_fraction']:.0%} | "
+                  f"{'–' if s['policy_judge_agreement'] is None else format(s['policy_judge_agreement'], '.0%')} |"
+                  for s in summaries]
+        lines += [""]
         lines += ["Per-round data cards: " + ", ".join(f"[round {s['round']}](round_{s['round']:02d}/card.md)"
                                                     for s in summaries), ""]
         lines += ["## Seconds per stage", "", "| round | " + " | ".join(summaries[0]["seconds"]) + " |",

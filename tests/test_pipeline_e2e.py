@@ -269,6 +269,13 @@ def test_dpo_form_margin_and_training_against_a_configured_reference(tiny_run, t
 def test_round_cards_match_the_parquet_files_and_rebuild(tiny_run, tmp_path):
     run_dir, _, _ = tiny_run
     report = (run_dir / "report.md").read_text()
+    assert "## Drift across rounds" in report
+    for r in range(2):
+        gens = pd.read_parquet(run_dir / f"round_{r:02d}" / "generations")
+        pairs = pd.read_parquet(run_dir / f"round_{r:02d}" / "pairs.parquet")
+        ties = 6 - len(pd.read_parquet(run_dir / f"round_{r:02d}" / "candidate_pairs.parquet"))
+        row = f"| {r} | {gens['n_tokens'].mean():.1f} | {ties / 6:.0%} | {(pairs['margin_implicit'] > 0).mean():.0%} |"
+        assert row in report, row
     for r in range(2):
         rdir = run_dir / f"round_{r:02d}"
         assert f"(round_{r:02d}/card.md)" in report

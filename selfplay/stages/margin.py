@@ -95,4 +95,6 @@ def run(ctx) -> None:
     ctx.stats.update(pairs=len(pairs), responses_scored=len(responses), dropped_truncated=int(empty.sum()),
                      tokens=int(counts.sum()), chat_template_sha256=template,
                      form="dpo" if cfg.model.reference else "simpo",
+                     # policy–judge agreement: share of pairs π_r already orders like the judge (Δim > 0)
+                     implicit_agrees_with_judge=round(float((pairs["margin_implicit"] > 0).mean()), 4) if len(pairs) else None,
                      mean_margin_implicit=round(float(pairs["margin_implicit"].mean()), 4) if len(pairs) else None)
