@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .config import STAGES
+from .config import STAGES, round_seed
 from .manifest import read_manifest
 
 PLOTS = ("card_rewards.png", "card_margins_scatter.png", "card_margin_hist.png", "card_length_bias.png")
@@ -41,11 +41,8 @@ def _text(messages: Any) -> str:
     return messages[0]["content"] if len(messages) else ""
 
 
-def card_numbers(rdir: Path) -> dict[str, Any]:
-    """Every figure the card prints, computed from the round's parquet files (tests recompute them the same way)."""
-    scores = pd.read_parquet(rdir / "scores")
-    pairs = pd.read_parquet(rdir / "pairs.parquet")
-    selected = pd.read_parquet(rdir / "selected.parquet")
+def card_numbers(scores: pd.DataFrame, pairs: pd.DataFrame, selected: pd.DataFrame) -> dict[str, Any]:
+    """Every figure the card prints, from the round's scores, pairs and selected frames."""
     per_prompt = scores.groupby("prompt_id")["reward"]
     kept = pairs["prompt_id"].isin(selected["prompt_id"])
     return {
@@ -138,7 +135,7 @@ def write_round_card(run_dir: Path, r: int) -> Path:
     scores = pd.read_parquet(rdir / "scores")
     pairs = pd.read_parquet(rdir / "pairs.parquet")
     selected = pd.read_parquet(rdir / "selected.parquet")
-    numbers = card_numbers(rdir)
+    numbers = card_numbers(scores, pairs, selected)
     _plots(rdir, scores, pairs, selected)
     manifests = {s: read_manifest(rdir, s) for s in STAGES}
 
@@ -165,7 +162,7 @@ def write_round_card(run_dir: Path, r: int) -> Path:
         sel = manifests["select"]["config"]
         # The whole pool ranked exactly as the select stage ranked it (same metric, weight and seed).
         ranked = select(pairs, sel["selection"]["metric"], sel["selection"]["weight"], top_k=None, ratio=1.0,
-                        seed=sel["seed"] * 1_000 + r)
+                        seed=round_seed(sel["seed"], r))
         lines += ["", "## Example pairs (whole pool, by selection score)", ""]
         for label, i in (("highest", 0), ("median", len(ranked) // 2), ("lowest", len(ranked) - 1)):
             lines += _example(ranked.iloc[i], label)

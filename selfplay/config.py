@@ -184,6 +184,11 @@ OBJECTIVES = ("dpo", "simpo")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
+def round_seed(seed: int, r: int) -> int:
+    """The seed of round r's prompts, sampling and selection; every stage (and the card) derives it here."""
+    return seed * 1_000 + r
+
+
 def _require(ok: bool, option: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{option}: {message}")

@@ -16,6 +16,7 @@ import json
 import numpy as np
 import pandas as pd
 
+from ..config import round_seed
 from ..rewards.scoring import build_scorer
 from ..samplers import SamplingSpec, build_sampler
 from .generate import completions_frame
@@ -40,7 +41,8 @@ def generate_and_score(ctx, policy_path, prompts: pd.DataFrame, scorer, label: s
                             trust_remote_code=cfg.model.trust_remote_code)
     spec = SamplingSpec(n=cfg.eval.samples, max_new_tokens=cfg.sampler.max_new_tokens,
                         temperature=cfg.sampler.temperature, top_p=cfg.sampler.top_p, greedy=cfg.eval.greedy,
-                        seed=cfg.seed * 1_000 + 999, batch_size=cfg.eval.batch_size)
+                        # the same held-out sampling seed every round
+                        seed=round_seed(cfg.seed, 999), batch_size=cfg.eval.batch_size)
     frame = completions_frame(prompts, sampler.generate(list(prompts["prompt"]), spec, desc=label))
     frame["reward"] = scorer(frame, desc=f"{label} score")
     return frame

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..chat import template_sha256
+from ..config import round_seed
 from ..samplers import SamplingSpec, build_sampler
 
 OUTPUTS = ("generations",)
@@ -49,7 +50,7 @@ def run(ctx) -> None:
     )
     s = cfg.sampler
     spec = SamplingSpec(n=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                        seed=cfg.seed * 1_000 + ctx.round, batch_size=s.batch_size)
+                        seed=round_seed(cfg.seed, ctx.round), batch_size=s.batch_size)
     completions = sampler.generate(list(prompts["prompt"]), spec, desc=f"round {ctx.round} generate")
     df = completions_frame(prompts, completions)
     (ctx.out / "generations").mkdir()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..config import round_seed
 from ..errors import InputError
 
 OUTPUTS = ("prompts.parquet",)
@@ -72,7 +73,7 @@ def train_prompts(cfg, r: int) -> pd.DataFrame:
         heldout = set(heldout_prompts(cfg)["prompt"])
         drawn = p.per_round
         while True:
-            rows = build_prompts(drawn, seed=cfg.seed * 1_000 + r, id_prefix=f"r{r:02d}-")
+            rows = build_prompts(drawn, seed=round_seed(cfg.seed, r), id_prefix=f"r{r:02d}-")
             fresh = [row for row in rows if row["prompt"] not in heldout]
             if len(fresh) >= p.per_round:
                 return pd.DataFrame(fresh[: p.per_round])

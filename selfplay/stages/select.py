@@ -22,6 +22,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..config import round_seed
+
 log = logging.getLogger("selfplay")
 
 OUTPUTS = ("selected.parquet", "README.md")
@@ -121,7 +123,7 @@ def run(ctx) -> None:
     if sel.top_k is not None and sel.top_k > len(pairs):
         log.warning("round %d: selection.top_k=%d exceeds the pool of %d pairs; keeping all of them",
                     ctx.round, sel.top_k, len(pairs))
-    selected = select(pairs, sel.metric, sel.weight, sel.top_k, sel.ratio, seed=ctx.cfg.seed * 1_000 + ctx.round)
+    selected = select(pairs, sel.metric, sel.weight, sel.top_k, sel.ratio, seed=round_seed(ctx.cfg.seed, ctx.round))
     selected.to_parquet(ctx.out / "selected.parquet", index=False)
     (ctx.out / "README.md").write_text(dataset_card(ctx, selected, len(pairs)))
     ctx.stats.update(pool=len(pairs), selected=len(selected), metric=sel.metric,
