@@ -159,16 +159,20 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     """All rounds; returns one summary dict per round (also printed as a line each)."""
     from .card import write_round_card
     from .report import round_summary, write_report
+    from .tracking import open_tracker, round_metrics
 
     forced = set(cfg.force)
     summaries = []
     started = time.time()
-    for r in range(cfg.rounds):
-        manifests = run_round(cfg, run_dir, r, forced)
-        write_round_card(run_dir, r)
-        summary = round_summary(r, manifests)
-        summaries.append(summary)
-        log.info("%s", summary["line"])
+    # logger=…: one tracker run per run directory, the round as step; rounds already logged are not logged again.
+    with open_tracker(cfg, run_dir) as tracker:
+        for r in range(cfg.rounds):
+            manifests = run_round(cfg, run_dir, r, forced)
+            write_round_card(run_dir, r)
+            summary = round_summary(r, manifests)
+            summaries.append(summary)
+            log.info("%s", summary["line"])
+            tracker.log_round(r, round_metrics(manifests))
     write_report(run_dir, summaries)
     log.info("run finished in %.1fs: %s", time.time() - started, run_dir)
     return summaries

@@ -6,6 +6,8 @@ Objectives (trainer.objective):
   dpo    TRL's DPOTrainer, reference = π_r (or model.reference). The reference log-probs are the margin stage's
          teacher-forced sums over the same token ids, so no reference model is loaded or run here.
   simpo  TRL's CPOTrainer with loss_type=simpo, cpo_alpha=0 (reference-free, length-normalised, margin γ).
+Logging: logger=tensorboard|wandb passes the trainer's own metrics (loss, rewards, margins per step) through TRL's
+         report_to into the run's tracker (selfplay/tracking.py); logger=none reports nowhere.
 Alone:   selfplay stage train round=R
 """
 
@@ -19,6 +21,7 @@ import pandas as pd
 from ..chat import template_sha256
 from ..errors import NoPairsError
 from ..modeling import load_causal_lm, load_tokenizer, torch_device
+from ..tracking import trainer_report_to
 
 log = logging.getLogger("selfplay")
 
@@ -51,7 +54,7 @@ def _dpo_trainer_class():
     return PrecomputedReferenceDPOTrainer
 
 
-def common_args(cfg, output_dir: str) -> dict:
+def common_args(cfg, output_dir: str, report_to: str | list[str] = "none") -> dict:
     t = cfg.trainer
     return dict(
         output_dir=output_dir,
@@ -68,14 +71,15 @@ def common_args(cfg, output_dir: str) -> dict:
         data_seed=cfg.seed,
         logging_steps=1,
         save_strategy="no",
-        report_to="none",
+        report_to=report_to,  # logger=tensorboard|wandb: the trainer's own metrics (tracking.trainer_report_to)
         use_cpu=str(cfg.device) == "cpu",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch_device(cfg.device).type == "cuda",  # pinning only helps host-to-GPU copies
     )
 
 
-def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str):
+def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str,
+                  report_to: str | list[str] = "none"):
     t = cfg.trainer
     columns = {"prompt": selected["prompt"].tolist(), "chosen": selected["chosen"].tolist(),
                "rejected": selected["rejected"].tolist()}
@@ -84,7 +88,7 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
     if t.objective == "simpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-        args = CPOConfig(**common_args(cfg, output_dir), loss_type="simpo", cpo_alpha=0.0,
+        args = CPOConfig(**common_args(cfg, output_dir, report_to), loss_type="simpo", cpo_alpha=0.0,
                          simpo_gamma=t.gamma)
         return CPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), processing_class=tokenizer)
 
@@ -99,7 +103,7 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
 
         ref_model = load_causal_lm(resolve_model_path(cfg.model.reference), cfg.model.dtype, model.device,
                                    cfg.model.trust_remote_code)
-    args = DPOConfig(**common_args(cfg, output_dir), precompute_ref_log_probs=reuse)
+    args = DPOConfig(**common_args(cfg, output_dir, report_to), precompute_ref_log_probs=reuse)
     return _dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(columns),
                                 processing_class=tokenizer)
 
@@ -117,8 +121,10 @@ def run(ctx) -> None:
     tokenizer = load_tokenizer(policy, cfg.model.trust_remote_code)
     model = load_causal_lm(policy, cfg.model.dtype, ctx.device, cfg.model.trust_remote_code)
     model.train()
-    trainer = build_trainer(cfg, model, tokenizer, selected, str(ctx.out / "trainer"))
-    result = trainer.train()
+    # Logging observes training and changes nothing in it: the same weights with any logger.
+    with trainer_report_to(cfg, ctx.run_dir, ctx.round) as report_to:
+        trainer = build_trainer(cfg, model, tokenizer, selected, str(ctx.out / "trainer"), report_to)
+        result = trainer.train()
     trainer.model.config.use_cache = True  # the Trainer turns the KV cache off; the next round samples with it
     trainer.save_model(str(ctx.out / "policy"))
     tokenizer.save_pretrained(str(ctx.out / "policy"))
