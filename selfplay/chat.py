@@ -38,6 +38,14 @@ def generation_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
     return list(_tokenize(tokenizer, prompt_messages(prompt), add_generation_prompt=True)["input_ids"])
 
 
+def reward_input_ids(tokenizer: Any, prompt: str, response: str, max_length: int) -> list[int]:
+    """What a sequence-classification reward model reads: the RM's own chat template over the whole conversation,
+    cut to max_length (hf_classifier and vllm reward backends alike)."""
+    ids = tokenizer.apply_chat_template(prompt_messages(prompt) + response_messages(response), tokenize=True,
+                                        return_dict=True)["input_ids"]
+    return list(ids[:max_length])
+
+
 def _dpo_tokens(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
     # Mirrors DPOTrainer._prepare_dataset.tokenize_fn for one conversational completion (TRL 1.16).
     from trl.data_utils import _tokenize, common_prefix_length

@@ -50,7 +50,7 @@ class PromptsConfig:
 
 @dataclass
 class SamplerConfig:
-    # Backend: hf (transformers generate).
+    # Backend: hf (transformers generate) | vllm (vLLM engines as Ray actors, data-parallel).
     backend: str = "hf"
     # Samples per prompt (N).
     n: int = 4
@@ -60,13 +60,31 @@ class SamplerConfig:
     top_p: float = 0.95
     # Response length cap in tokens.
     max_new_tokens: int = 96
-    # Prompts per generate() call; each carries n samples, so a batch holds batch_size * n sequences.
+    # Prompts per generate() call (hf), or per chunk an engine processes alone from a clean cache (vllm); each
+    # prompt carries n samples. vllm: outputs do not depend on num_engines because a chunk is the unit of work.
     batch_size: int = 16
+    # vllm: data-parallel engine replicas (Ray actors), each on its own devices.
+    num_engines: int = 1
+    # vllm: GPUs per engine (tensor parallel).
+    tensor_parallel_size: int = 1
+    # vllm: longest prompt + response in tokens; prompts with no room left for a response are skipped and counted.
+    max_model_len: int = 2048
+    # vllm: fraction of each GPU an engine may take (weights + KV cache).
+    gpu_memory_utilization: float = 0.85
+    # vllm on CPU: KV-cache size per engine in GiB (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kv_cache_gb: int = 2
+    # vllm: token budget of one engine step; null: max(8192, max_model_len).
+    max_num_batched_tokens: int | None = None
+    # vllm: skip compilation/CUDA graphs (start-up in seconds; on GPU false is faster for long runs).
+    enforce_eager: bool = True
+    # Prompts longer than the model can take: skip (counted in the manifest) | fail.
+    overlong_prompts: str = "skip"
 
 
 @dataclass
 class RewardConfig:
-    # Backend: function (a Python `module:function`) | hf_classifier (AutoModelForSequenceClassification).
+    # Backend: function (a Python `module:function`) | hf_classifier (AutoModelForSequenceClassification) |
+    # vllm (the same classifier through vLLM's pooling runner, on a Ray actor).
     backend: str = "function"
     # TRL-style reward function: f(prompts, completions, **columns) -> list[float]. Used when backend=function.
     function: str = "selfplay.rewards.ifeval:reward"
@@ -92,8 +110,10 @@ class PairConfig:
 class MarginConfig:
     # β of the DPO-form implicit reward (only with model.reference); under MAP's z-scoring it cancels.
     beta: float = 0.1
-    # Sequences per teacher-forced forward pass.
+    # Sequences per teacher-forced forward pass (hf); sequences per engine request batch (vllm).
     batch_size: int = 8
+    # hf (transformers forward through TRL's fused head) | vllm (the engine's prompt log-probs, on a Ray actor).
+    backend: str = "hf"
 
 
 @dataclass
@@ -147,6 +167,14 @@ class EvalConfig:
 
 
 @dataclass
+class RayConfig:
+    # null: start a local Ray cluster for the run; "auto" (or host:port): join an existing one (SLURM jobs).
+    address: str | None = None
+    # CPUs a local cluster may use; null: all of this machine's.
+    num_cpus: int | None = None
+
+
+@dataclass
 class Config:
     # Name of the run directory under output_root.
     run_name: str = "default"
@@ -164,6 +192,9 @@ class Config:
     force: list[str] = field(default_factory=list)
     # Experiment preset name, set by conf/experiment/*.yaml (informational).
     experiment: str | None = None
+    # Experiment tracking: none | tensorboard (<run>/tensorboard/) | wandb (offline unless WANDB_MODE is set).
+    # Per-round metrics with the round as step, plus the trainer's own metrics through TRL's report_to.
+    logger: str = "none"
 
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
@@ -174,14 +205,17 @@ class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 STAGES = ("prompts", "generate", "score", "pair", "margin", "select", "train", "eval")
-SAMPLER_BACKENDS = ("hf",)
-REWARD_BACKENDS = ("function", "hf_classifier")
+SAMPLER_BACKENDS = ("hf", "vllm")
+REWARD_BACKENDS = ("function", "hf_classifier", "vllm")
+MARGIN_BACKENDS = ("hf", "vllm")
 SELECTION_METRICS = ("map", "explicit", "implicit", "random", "all")
 OBJECTIVES = ("dpo", "simpo")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+LOGGERS = ("none", "tensorboard", "wandb")
 
 
 def round_seed(seed: int, r: int) -> int:
@@ -208,15 +242,26 @@ def validate(cfg: Any) -> None:
     _require(0 < s.top_p <= 1, "sampler.top_p", f"must be in (0, 1], got {s.top_p}")
     _require(s.max_new_tokens >= 1, "sampler.max_new_tokens", f"must be ≥ 1, got {s.max_new_tokens}")
     _require(s.batch_size >= 1, "sampler.batch_size", f"must be ≥ 1, got {s.batch_size}")
+    _require(s.num_engines >= 1, "sampler.num_engines", f"must be ≥ 1, got {s.num_engines}")
+    _require(s.tensor_parallel_size >= 1, "sampler.tensor_parallel_size", f"must be ≥ 1, got {s.tensor_parallel_size}")
+    _require(s.max_model_len > s.max_new_tokens, "sampler.max_model_len",
+             f"must exceed sampler.max_new_tokens={s.max_new_tokens}, got {s.max_model_len}")
+    _require(0 < s.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization",
+             f"must be in (0, 1], got {s.gpu_memory_utilization}")
+    _require(s.cpu_kv_cache_gb >= 1, "sampler.cpu_kv_cache_gb", f"must be ≥ 1, got {s.cpu_kv_cache_gb}")
+    _require(s.overlong_prompts in ("skip", "fail"), "sampler.overlong_prompts",
+             f"must be skip or fail, got {s.overlong_prompts!r}")
     r = cfg.reward
     _require(r.backend in REWARD_BACKENDS, "reward.backend", f"must be one of {REWARD_BACKENDS}, got {r.backend!r}")
     if r.backend == "function":
         _require(":" in (r.function or ""), "reward.function", f"must be 'module:function', got {r.function!r}")
     else:
-        _require(bool(r.model), "reward.model", "reward=hf_classifier needs reward.model=<local directory>")
+        _require(bool(r.model), "reward.model", f"reward.backend={r.backend} needs reward.model=<local directory>")
     _require(cfg.pair.strategy == "best_worst", "pair.strategy", f"only 'best_worst' exists, got {cfg.pair.strategy!r}")
     _require(cfg.pair.min_margin >= 0, "pair.min_margin", f"must be ≥ 0, got {cfg.pair.min_margin}")
     _require(cfg.margin.beta > 0, "margin.beta", f"must be > 0, got {cfg.margin.beta}")
+    _require(cfg.margin.backend in MARGIN_BACKENDS, "margin.backend",
+             f"must be one of {MARGIN_BACKENDS}, got {cfg.margin.backend!r}")
     sel = cfg.selection
     _require(sel.metric in SELECTION_METRICS, "selection.metric", f"must be one of {SELECTION_METRICS}, got {sel.metric!r}")
     _require(sel.weight >= 0, "selection.weight", f"must be ≥ 0, got {sel.weight}")
@@ -239,6 +284,7 @@ def validate(cfg: Any) -> None:
     e = cfg.eval
     _require(e.samples >= 1, "eval.samples", f"must be ≥ 1, got {e.samples}")
     _require(not (e.greedy and e.samples > 1), "eval.samples", "greedy decoding gives one response; set eval.greedy=false")
+    _require(cfg.logger in LOGGERS, "logger", f"must be one of {LOGGERS}, got {cfg.logger!r}")
     bad = [name for name in cfg.force if name not in (*STAGES, "all")]
     _require(not bad, "force", f"unknown stage(s) {bad}; stages are {list(STAGES)} or 'all'")
     if cfg.round is not None:

@@ -1,4 +1,4 @@
-"""Reward backends. `build_scorer(reward_cfg, device)` returns `scorer(frame, desc) -> np.ndarray` of one finite
+"""Reward backends. `build_scorer(cfg, device)` returns `scorer(frame, desc) -> np.ndarray` of one finite
 float per row of a generations frame (columns prompt, response, and the prompt's extra columns)."""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: i
                       trust_remote_code: bool) -> Scorer:
     import torch
 
-    from ..chat import prompt_messages, response_messages
+    from ..chat import reward_input_ids
     from ..modeling import load_reward_model, load_tokenizer, resolve_model_path
 
     path = resolve_model_path(model_dir)
@@ -78,12 +78,8 @@ def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: i
     pad_id = model.config.pad_token_id
 
     def score(frame: pd.DataFrame, desc: str = "score") -> np.ndarray:
-        # The RM's own chat template over the full conversation, truncated like the RM expects.
-        encoded = [
-            tokenizer.apply_chat_template(prompt_messages(p) + response_messages(r), tokenize=True,
-                                          return_dict=True)["input_ids"][:max_length]
-            for p, r in zip(frame["prompt"], frame["response"], strict=True)
-        ]
+        encoded = [reward_input_ids(tokenizer, p, r, max_length)
+                   for p, r in zip(frame["prompt"], frame["response"], strict=True)]
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         out = np.empty(len(encoded))
         for start in tqdm(range(0, len(order), batch_size), total=math.ceil(len(order) / batch_size), desc=desc,
@@ -103,8 +99,40 @@ def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: i
     return score
 
 
-def build_scorer(reward_cfg: Any, device: Any, trust_remote_code: bool = False) -> Scorer:
+VLLM_CHUNK = 256  # sequences per engine call: the unit the pool hands out (the engine batches by token budget)
+
+
+def vllm_scorer(model_dir: str, dtype: str, max_length: int, device: Any, trust_remote_code: bool, sampler_cfg: Any,
+                ray_cfg: Any) -> Scorer:
+    """The same classifier and inputs as `classifier_scorer`, served by vLLM's pooling runner on Ray actors."""
+    from ..chat import reward_input_ids
+    from ..modeling import load_tokenizer, resolve_model_path
+    from ..vllm_engine import EnginePool, engine_spec
+
+    path = resolve_model_path(model_dir)
+    tokenizer = load_tokenizer(Path(path), trust_remote_code)
+    spec = engine_spec(path, dtype, device, sampler_cfg, trust_remote_code, runner="pooling")
+    spec.max_model_len = max(spec.max_model_len, max_length)
+
+    def score(frame: pd.DataFrame, desc: str = "score") -> np.ndarray:
+        encoded = [reward_input_ids(tokenizer, p, r, max_length)
+                   for p, r in zip(frame["prompt"], frame["response"], strict=True)]
+        chunks = [encoded[s : s + VLLM_CHUNK] for s in range(0, len(encoded), VLLM_CHUNK)]
+        with EnginePool(spec, sampler_cfg.num_engines, ray_cfg.address, ray_cfg.num_cpus) as pool:
+            parts = pool.map("classify", chunks, desc=desc, unit="resp",
+                             count=lambda chunk, _: sum(len(ids) for ids in chunk))
+        return check_rewards([v for part in parts for v in part], len(frame), f"reward model {path} (vllm)", frame)
+
+    return score
+
+
+def build_scorer(cfg: Any, device: Any) -> Scorer:
+    """The `reward.backend` scorer of a run's config; vllm sizes its engines with the `sampler` group, joins `ray`."""
+    reward_cfg, trust_remote_code = cfg.reward, cfg.model.trust_remote_code
     if reward_cfg.backend == "function":
         return function_scorer(reward_cfg.function)
+    if reward_cfg.backend == "vllm":
+        return vllm_scorer(reward_cfg.model, reward_cfg.dtype, reward_cfg.max_length, device, trust_remote_code,
+                           cfg.sampler, cfg.ray)
     return classifier_scorer(reward_cfg.model, reward_cfg.dtype, reward_cfg.batch_size, reward_cfg.max_length,
                              device, trust_remote_code)

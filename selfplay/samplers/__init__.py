@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-BACKENDS = {"hf": "selfplay.samplers.hf:HFSampler"}
+BACKENDS = {"hf": "selfplay.samplers.hf:HFSampler", "vllm": "selfplay.samplers.vllm:VLLMSampler"}
 
 
 @dataclass
@@ -29,6 +29,9 @@ class SamplingSpec:
     batch_size: int = 16
 
 
-def build_sampler(backend: str, **kwargs: Any) -> Any:
-    module, _, cls = BACKENDS[backend].partition(":")
-    return getattr(importlib.import_module(module), cls)(**kwargs)
+def build_sampler(cfg: Any, model_path: Any, device: Any) -> Any:
+    """The `sampler.backend` sampler for one policy, built from the run's config."""
+    module, _, cls = BACKENDS[cfg.sampler.backend].partition(":")
+    extra = {"sampler_cfg": cfg.sampler, "ray_cfg": cfg.ray} if cfg.sampler.backend == "vllm" else {}
+    return getattr(importlib.import_module(module), cls)(model_path=model_path, dtype=cfg.model.dtype, device=device,
+                                                         trust_remote_code=cfg.model.trust_remote_code, **extra)

@@ -68,7 +68,9 @@ class HFSampler:
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
 
-    def generate(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate") -> list[Completion]:
+    def generate(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate",
+                 keys: list[str] | None = None) -> list[Completion]:
+        # `keys` (prompt ids) is unused here: this backend seeds per batch of the length-sorted prompt list.
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
 

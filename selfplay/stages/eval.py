@@ -22,7 +22,7 @@ from ..samplers import SamplingSpec, build_sampler
 from .generate import completions_frame
 from .prompts import heldout_prompts
 
-CONFIG = ("eval", "reward", "prompts", "sampler.max_new_tokens", "sampler.temperature", "sampler.top_p",
+CONFIG = ("eval", "reward", "prompts", "sampler.backend", "sampler.max_new_tokens", "sampler.temperature", "sampler.top_p",
           "model.dtype", "model.trust_remote_code", "seed")
 
 
@@ -37,13 +37,13 @@ def requires(r: int) -> list[tuple[int, str]]:
 
 def generate_and_score(ctx, policy_path, prompts: pd.DataFrame, scorer, label: str) -> pd.DataFrame:
     cfg = ctx.cfg
-    sampler = build_sampler(cfg.sampler.backend, model_path=policy_path, dtype=cfg.model.dtype, device=ctx.device,
-                            trust_remote_code=cfg.model.trust_remote_code)
+    sampler = build_sampler(cfg, policy_path, ctx.device)
     spec = SamplingSpec(n=cfg.eval.samples, max_new_tokens=cfg.sampler.max_new_tokens,
                         temperature=cfg.sampler.temperature, top_p=cfg.sampler.top_p, greedy=cfg.eval.greedy,
                         # the same held-out sampling seed every round
                         seed=round_seed(cfg.seed, 999), batch_size=cfg.eval.batch_size)
-    frame = completions_frame(prompts, sampler.generate(list(prompts["prompt"]), spec, desc=label))
+    completions = sampler.generate(list(prompts["prompt"]), spec, desc=label, keys=[str(k) for k in prompts["prompt_id"]])
+    frame = completions_frame(prompts, completions)
     frame["reward"] = scorer(frame, desc=f"{label} score")
     return frame
 
@@ -59,7 +59,7 @@ def win_rate(policy: pd.DataFrame, base: pd.DataFrame) -> dict[str, float]:
 
 def run(ctx) -> None:
     prompts = heldout_prompts(ctx.cfg)
-    scorer = build_scorer(ctx.cfg.reward, ctx.device, ctx.cfg.model.trust_remote_code)
+    scorer = build_scorer(ctx.cfg, ctx.device)
     if ctx.round == 0:
         base = generate_and_score(ctx, ctx.policy_path(0), prompts, scorer, "eval π_0")
         base.to_parquet(ctx.out / "eval_base_generations.parquet", index=False)

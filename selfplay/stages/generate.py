@@ -41,17 +41,12 @@ def completions_frame(prompts: pd.DataFrame, completions: list) -> pd.DataFrame:
 def run(ctx) -> None:
     cfg = ctx.cfg
     prompts = ctx.read_parquet("prompts.parquet")
-    sampler = build_sampler(
-        cfg.sampler.backend,
-        model_path=ctx.policy_path(),
-        dtype=cfg.model.dtype,
-        device=ctx.device,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    sampler = build_sampler(cfg, ctx.policy_path(), ctx.device)
     s = cfg.sampler
     spec = SamplingSpec(n=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                         seed=round_seed(cfg.seed, ctx.round), batch_size=s.batch_size)
-    completions = sampler.generate(list(prompts["prompt"]), spec, desc=f"round {ctx.round} generate")
+    completions = sampler.generate(list(prompts["prompt"]), spec, desc=f"round {ctx.round} generate",
+                                   keys=[str(k) for k in prompts["prompt_id"]])
     df = completions_frame(prompts, completions)
     (ctx.out / "generations").mkdir()
     df.to_parquet(ctx.out / "generations" / "part-00000.parquet", index=False)
@@ -61,5 +56,7 @@ def run(ctx) -> None:
         tokens=int(df["n_tokens"].sum()),
         mean_response_tokens=round(float(df["n_tokens"].mean()), 2),
         hit_length_limit=int((df["finish_reason"] == "length").sum()),
+        skipped_overlong_prompts=getattr(sampler, "skipped_overlong", 0),
+        **getattr(sampler, "timings", {}),
         chat_template_sha256=template_sha256(sampler.tokenizer),
     )

@@ -7,7 +7,8 @@ Forms:   default (SimPO, reference-free): ρ(y) = mean over response tokens of l
          with model.reference (DPO):      ρ(y) = β · (log π_r(y|x) − log π_ref(y|x)), summed over tokens.
          Δim = ρ(chosen) − ρ(rejected). Log-probs are teacher-forced at temperature 1 over exactly the token
          ids the trainer will see (selfplay.chat.training_tokens), each distinct response once. The sums are
-         DPO's reference log-probs of π_r, which the train stage reuses.
+         DPO's reference log-probs of π_r, which the train stage reuses. margin.backend=vllm takes the same
+         sums from a vLLM engine's prompt log-probs (agreement with hf: tests/test_vllm.py).
 Alone:   selfplay stage margin round=R
 """
 
@@ -44,15 +45,34 @@ def unique_responses(pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(sides).drop_duplicates(["prompt_id", "sample_idx"]).reset_index(drop=True)
 
 
+VLLM_CHUNK = 256  # sequences per engine call (margin.backend=vllm): the unit the pool hands out
+
+
+def vllm_logps(model_path, sequences: list[tuple[list[int], list[int]]], cfg, device, desc: str) -> np.ndarray:
+    """The same sums as `completion_logps`, from the engine's prompt log-probs over prompt+completion ids."""
+    from ..vllm_engine import EnginePool, engine_spec
+
+    spec = engine_spec(model_path, cfg.model.dtype, device, cfg.sampler, cfg.model.trust_remote_code)
+    spec.max_model_len = max(spec.max_model_len, cfg.trainer.max_length)
+    chunks = [sequences[s : s + VLLM_CHUNK] for s in range(0, len(sequences), VLLM_CHUNK)]
+    with EnginePool(spec, cfg.sampler.num_engines, cfg.ray.address, cfg.ray.num_cpus) as pool:
+        parts = pool.map("completion_logprobs", chunks, desc=desc, unit="seq",
+                         count=lambda chunk, _: sum(len(p) + len(c) for p, c in chunk))
+    return np.array([v for part in parts for v in part], dtype=np.float64)
+
+
 def score_model(model_path, responses: pd.DataFrame, cfg, device, desc: str) -> tuple[np.ndarray, np.ndarray, str]:
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    model = load_causal_lm(model_path, cfg.model.dtype, device, cfg.model.trust_remote_code)
     sequences = [
         training_tokens(tokenizer, p, r, cfg.trainer.objective, cfg.trainer.max_length)
         for p, r in zip(responses["prompt"], responses["response"], strict=True)
     ]
-    sums, counts = completion_logps(model, sequences, device, cfg.margin.batch_size, tokenizer.pad_token_id,
-                                    desc=desc, bf16=cfg.trainer.bf16)
+    if cfg.margin.backend == "vllm":
+        sums, counts = vllm_logps(model_path, sequences, cfg, device, desc), np.array([len(c) for _, c in sequences])
+    else:
+        model = load_causal_lm(model_path, cfg.model.dtype, device, cfg.model.trust_remote_code)
+        sums, counts = completion_logps(model, sequences, device, cfg.margin.batch_size, tokenizer.pad_token_id,
+                                        desc=desc, bf16=cfg.trainer.bf16)
     return sums, counts, template_sha256(tokenizer)
 
 

@@ -22,7 +22,7 @@ def requires(r: int) -> list[tuple[int, str]]:
 
 def run(ctx) -> None:
     df = ctx.read_parquet("generations")
-    scorer = build_scorer(ctx.cfg.reward, ctx.device, ctx.cfg.model.trust_remote_code)
+    scorer = build_scorer(ctx.cfg, ctx.device)
     df["reward"] = scorer(df, desc=f"round {ctx.round} score")
     (ctx.out / "scores").mkdir()
     df.to_parquet(ctx.out / "scores" / "part-00000.parquet", index=False)

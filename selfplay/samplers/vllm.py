@@ -1,0 +1,100 @@
+"""vLLM sampler: prompts stream to `sampler.num_engines` engines (Ray actors) in chunks of `batch_size` prompts.
+
+The prompt ids come from the same `generation_prompt_ids` the hf sampler and the trainer use (the engine's own
+template is never applied), and responses are decoded here with the same tokenizer. Each (prompt, sample) gets its
+own seed from (seed, prompt key, sample index), so a response does not depend on the batch, the engine or N.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ..chat import generation_prompt_ids
+from ..errors import InputError
+from ..modeling import load_tokenizer
+from ..vllm_engine import EnginePool, engine_spec
+from . import Completion, SamplingSpec
+
+log = logging.getLogger("selfplay")
+
+
+def request_seed(seed: int, key: str, sample_idx: int) -> int:
+    """A 63-bit seed per response, independent of where the prompt sits in the list or which engine runs it."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}\x00{sample_idx}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def eos_token_ids(model_path: Path, tokenizer: Any) -> list[int]:
+    """The ids that end a turn: the generation config's eos ids (as transformers' generate uses), else the tokenizer's."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return sorted(set(eos if isinstance(eos, list) else [eos]))
+
+
+class VLLMSampler:
+    def __init__(self, model_path: Path, dtype: str, device: Any, trust_remote_code: bool = False, *,
+                 sampler_cfg: Any, ray_cfg: Any):
+        self.model_path = model_path
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.eos_ids = eos_token_ids(model_path, self.tokenizer)
+        self.spec = engine_spec(model_path, dtype, device, sampler_cfg, trust_remote_code)
+        self.num_engines = sampler_cfg.num_engines
+        self.overlong = sampler_cfg.overlong_prompts
+        self.ray_cfg = ray_cfg
+        self.skipped_overlong = 0
+        self.timings: dict[str, float] = {}
+
+    def generate(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate",
+                 keys: list[str] | None = None) -> list[Completion]:
+        keys = keys if keys is not None else [str(i) for i in range(len(prompts))]
+        encoded = [generation_prompt_ids(self.tokenizer, p) for p in prompts]
+        # A prompt needs room for at least one response token within max_model_len.
+        limit = self.spec.max_model_len - 1
+        overlong = [i for i, ids in enumerate(encoded) if len(ids) > limit]
+        if overlong and self.overlong == "fail":
+            i = overlong[0]
+            raise InputError(f"prompt {keys[i]!r} has {len(encoded[i])} tokens, over sampler.max_model_len="
+                             f"{self.spec.max_model_len} ({len(overlong)} such prompts; sampler.overlong_prompts=skip "
+                             f"skips them)")
+        if overlong:
+            log.warning("%s: %d prompts longer than sampler.max_model_len=%d skipped", desc, len(overlong),
+                        self.spec.max_model_len)
+        self.skipped_overlong = len(overlong)
+        skip = set(overlong)
+        kept = [i for i in range(len(prompts)) if i not in skip]
+        chunks = [kept[s : s + spec.batch_size] for s in range(0, len(kept), spec.batch_size)]
+        requests = [[(encoded[i], request_seed(spec.seed, keys[i], k)) for i in chunk for k in range(spec.n)]
+                    for chunk in chunks]
+        params = dict(max_tokens=spec.max_new_tokens, stop_token_ids=self.eos_ids, skip_special_tokens=True,
+                      detokenize=False)
+        if spec.greedy:
+            params.update(temperature=0.0)
+        else:
+            params.update(temperature=spec.temperature, top_p=spec.top_p)
+        with EnginePool(self.spec, self.num_engines, self.ray_cfg.address, self.ray_cfg.num_cpus) as pool:
+            started = time.time()
+            outputs = pool.map("generate", requests, params, desc=desc, unit="resp",
+                               count=lambda _, result: sum(len(ids) for ids, _ in result))
+            self.timings = {"engine_start_s": round(pool.start_seconds, 2),
+                            "generation_s": round(time.time() - started, 2)}
+        results: list[Completion] = []
+        for chunk, chunk_out in zip(chunks, outputs, strict=True):
+            for row, (tokens, reason) in enumerate(chunk_out):
+                end = len(tokens) - 1 if tokens and tokens[-1] in self.eos_ids else None
+                results.append(Completion(
+                    prompt_index=chunk[row // spec.n], sample_idx=row % spec.n,
+                    response=self.tokenizer.decode(tokens if end is None else tokens[:end],
+                                                   skip_special_tokens=True).strip(),
+                    n_tokens=len(tokens), finish_reason="stop" if reason == "stop" else "length"))
+        results.sort(key=lambda c: (c.prompt_index, c.sample_idx))
+        return results
