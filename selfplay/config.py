@@ -162,7 +162,7 @@ class EvalConfig:
     greedy: bool = True
     # Responses per held-out prompt (>1 needs greedy=false).
     samples: int = 1
-    # Prompts per generate() call.
+    # Prompts per generate() call (hf sampler; sampler=vllm uses sampler.batch_size).
     batch_size: int = 16
 
 

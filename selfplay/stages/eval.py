@@ -41,7 +41,9 @@ def generate_and_score(ctx, policy_path, prompts: pd.DataFrame, scorer, label: s
     spec = SamplingSpec(n=cfg.eval.samples, max_new_tokens=cfg.sampler.max_new_tokens,
                         temperature=cfg.sampler.temperature, top_p=cfg.sampler.top_p, greedy=cfg.eval.greedy,
                         # the same held-out sampling seed every round
-                        seed=round_seed(cfg.seed, 999), batch_size=cfg.eval.batch_size)
+                        seed=round_seed(cfg.seed, 999),
+                        # vllm: the engine batches by itself; small chunks would only add drains
+                        batch_size=cfg.sampler.batch_size if cfg.sampler.backend == "vllm" else cfg.eval.batch_size)
     completions = sampler.generate(list(prompts["prompt"]), spec, desc=label, keys=[str(k) for k in prompts["prompt_id"]])
     frame = completions_frame(prompts, completions)
     frame["reward"] = scorer(frame, desc=f"{label} score")
