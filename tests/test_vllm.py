@@ -96,6 +96,9 @@ def test_two_engines_give_the_one_engine_outputs(runs):
     two, one = gens(run_dir), gens(out / "a")
     pd.testing.assert_frame_equal(two, one)
     assert (two.groupby("prompt_id").size() == N).all()
+    # the engine count is not part of the stage's config: resuming on another allocation keeps finished work
+    resumed = ok(run_cli("stage", "generate", "round=0", "sampler.num_engines=1", *with_name(args, "two")))
+    assert "skipped" in resumed.stderr and "vLLM engine(s)" not in resumed.stderr
 
 
 def test_joins_an_existing_ray_cluster_with_address_auto(runs):

@@ -15,7 +15,12 @@ from ..config import round_seed
 from ..samplers import SamplingSpec, build_sampler
 
 OUTPUTS = ("generations",)
-CONFIG = ("model.dtype", "model.trust_remote_code", "sampler", "seed")
+# Everything that decides the responses. Left out on purpose: how many engines share the work and how much memory
+# each gets (sampler.num_engines, gpu_memory_utilization, cpu_kv_cache_gb, enforce_eager) — a run resumed on
+# another allocation keeps its finished rounds.
+CONFIG = ("model.dtype", "model.trust_remote_code", "seed", "sampler.backend", "sampler.n", "sampler.temperature",
+          "sampler.top_p", "sampler.max_new_tokens", "sampler.batch_size", "sampler.tensor_parallel_size",
+          "sampler.max_model_len", "sampler.max_num_batched_tokens", "sampler.overlong_prompts")
 
 
 def requires(r: int) -> list[tuple[int, str]]:
