@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -98,6 +99,8 @@ class EngineActor:
         for key, value in engine_env(spec_, cpu_ids).items():
             if key not in USER_TUNABLE_ENV or key not in os.environ:
                 os.environ[key] = value
+        # vLLM's import-time FutureWarnings would be forwarded to the run's console by Ray, once per engine
+        warnings.filterwarnings("ignore", category=FutureWarning)
         from vllm import LLM
 
         self.llm = LLM(**spec_.llm_kwargs())
