@@ -215,21 +215,19 @@ class EnginePool:
         started = time.time()
         tp = self.spec.tensor_parallel_size
         if self.spec.use_gpu:
-            bundles, strategy = [{"GPU": 1, "CPU": 1}] * tp, "STRICT_PACK"
             shares: list[list[int] | None] = [None] * self.num_engines
+            bundles = [[{"GPU": 1, "CPU": 1}] * tp for _ in shares]
         else:
             shares = _cpu_shares(self.num_engines)
-            strategy = "PACK"
-        for i in range(self.num_engines):
-            if not self.spec.use_gpu:
-                bundles = [{"CPU": len(shares[i])}]
-            self.groups.append(placement_group(bundles, strategy=strategy, name=f"selfplay-engine-{i}"))
+            bundles = [[{"CPU": len(cpu_ids)}] for cpu_ids in shares]
+        strategy = "STRICT_PACK" if self.spec.use_gpu else "PACK"
+        for i, engine_bundles in enumerate(bundles):
+            self.groups.append(placement_group(engine_bundles, strategy=strategy, name=f"selfplay-engine-{i}"))
         ready = [g.ready() for g in self.groups]
         done, _ = ray.wait(ready, num_returns=len(ready), timeout=120)
         if len(done) < len(ready):
-            need = bundles if self.spec.use_gpu else [{"CPU": len(s)} for s in shares]
             raise EngineError(f"sampler.num_engines={self.num_engines} × tensor_parallel_size={tp}: the Ray cluster "
-                              f"cannot place them (needs {need} per engine; has {ray.cluster_resources()})")
+                              f"cannot place them (needs {bundles[0]} per engine; has {ray.cluster_resources()})")
         remote = ray.remote(EngineActor)
         for group, cpu_ids in zip(self.groups, shares, strict=True):
             gpus = 1 if self.spec.use_gpu and tp == 1 else 0  # tp > 1: vLLM's own Ray workers take the GPUs
@@ -249,12 +247,11 @@ class EnginePool:
         log.info("%d vLLM engine(s) for %s ready in %.1fs", self.num_engines, self.spec.model, self.start_seconds)
 
     def map(self, method: str, chunks: Sequence[Any], *args: Any, desc: str = "vllm", unit: str = "seq",
-            count: Callable[[Any, Any], int] | None = None, on_result: Callable[[int, Any], None] | None = None,
-            ) -> list[Any]:
+            count: Callable[[Any, Any], int] | None = None) -> list[Any]:
         """Run `method(chunk, *args)` for every chunk on whichever engine is free; results in chunk order.
 
         Each engine holds up to two chunks (one running, one queued) so it never waits on the driver. `count`
-        (chunk, result) → items for the progress bar; `on_result(index, result)` sees each chunk as it finishes.
+        (chunk, result) → tokens for the progress bar's rate.
         """
         import ray
 
@@ -280,8 +277,6 @@ class EnginePool:
                     results[index] = ray.get(ref)
                 except Exception as err:
                     raise EngineError(f"vLLM engine {engine} failed on chunk {index}: {_first_line(err)}") from err
-                if on_result is not None:
-                    on_result(index, results[index])
                 bar.update(len(chunks[index]))
                 if count is not None:
                     items += count(chunks[index], results[index])
@@ -319,3 +314,16 @@ def engine_spec(model_path: Any, dtype: str, device: Any, sampler_cfg: Any, trus
         max_num_batched_tokens=sampler_cfg.max_num_batched_tokens, enforce_eager=sampler_cfg.enforce_eager,
         trust_remote_code=trust_remote_code,
     )
+
+
+ITEMS_PER_CALL = 256  # sequences per engine call for rewards and log-probs (the engine batches by token budget)
+
+
+def map_items(spec: EngineSpec, sampler_cfg: Any, ray_cfg: Any, method: str, items: list[Any], desc: str,
+              tokens: Callable[[Any], int]) -> list[Any]:
+    """One result per item: `method` over the items in fixed-size chunks on the `sampler.num_engines` engines of
+    `spec` (joining `ray`), flattened back into item order. `tokens(item)` feeds the progress bar's rate."""
+    chunks = [items[s : s + ITEMS_PER_CALL] for s in range(0, len(items), ITEMS_PER_CALL)]
+    with EnginePool(spec, sampler_cfg.num_engines, ray_cfg.address, ray_cfg.num_cpus) as pool:
+        parts = pool.map(method, chunks, desc=desc, unit="seq", count=lambda chunk, _: sum(map(tokens, chunk)))
+    return [value for part in parts for value in part]

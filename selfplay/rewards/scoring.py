@@ -99,15 +99,12 @@ def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: i
     return score
 
 
-VLLM_CHUNK = 256  # sequences per engine call: the unit the pool hands out (the engine batches by token budget)
-
-
 def vllm_scorer(model_dir: str, dtype: str, max_length: int, device: Any, trust_remote_code: bool, sampler_cfg: Any,
                 ray_cfg: Any) -> Scorer:
     """The same classifier and inputs as `classifier_scorer`, served by vLLM's pooling runner on Ray actors."""
     from ..chat import reward_input_ids
     from ..modeling import load_tokenizer, resolve_model_path
-    from ..vllm_engine import EnginePool, engine_spec
+    from ..vllm_engine import engine_spec, map_items
 
     path = resolve_model_path(model_dir)
     tokenizer = load_tokenizer(Path(path), trust_remote_code)
@@ -117,11 +114,8 @@ def vllm_scorer(model_dir: str, dtype: str, max_length: int, device: Any, trust_
     def score(frame: pd.DataFrame, desc: str = "score") -> np.ndarray:
         encoded = [reward_input_ids(tokenizer, p, r, max_length)
                    for p, r in zip(frame["prompt"], frame["response"], strict=True)]
-        chunks = [encoded[s : s + VLLM_CHUNK] for s in range(0, len(encoded), VLLM_CHUNK)]
-        with EnginePool(spec, sampler_cfg.num_engines, ray_cfg.address, ray_cfg.num_cpus) as pool:
-            parts = pool.map("classify", chunks, desc=desc, unit="resp",
-                             count=lambda chunk, _: sum(len(ids) for ids in chunk))
-        return check_rewards([v for part in parts for v in part], len(frame), f"reward model {path} (vllm)", frame)
+        values = map_items(spec, sampler_cfg, ray_cfg, "classify", encoded, desc, tokens=len)
+        return check_rewards(values, len(frame), f"reward model {path} (vllm)", frame)
 
     return score
 

@@ -18,6 +18,18 @@ class Completion:
     finish_reason: str  # "stop" (end of turn) or "length" (hit max_new_tokens)
 
 
+def completion_from_tokens(tokenizer: Any, tokens: list[int], eos_ids: set[int] | list[int], prompt_index: int,
+                           sample_idx: int) -> Completion:
+    """A Completion from a backend's generated ids: cut at the first end-of-turn id (which counts as generated),
+    decoded without special tokens; no end-of-turn id means the length limit was hit."""
+    end = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
+    kept = tokens if end is None else tokens[:end]
+    return Completion(prompt_index=prompt_index, sample_idx=sample_idx,
+                      response=tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                      n_tokens=len(tokens) if end is None else end + 1,
+                      finish_reason="length" if end is None else "stop")
+
+
 @dataclass
 class SamplingSpec:
     n: int

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..chat import generation_prompt_ids
 from ..modeling import load_causal_lm, load_tokenizer
-from . import Completion, SamplingSpec
+from . import Completion, SamplingSpec, completion_from_tokens
 
 log = logging.getLogger("selfplay")
 
@@ -103,21 +103,11 @@ class HFSampler:
                 out = self.model.generate(**batch, generation_config=gen_config,
                                           logits_processor=LogitsProcessorList(processors))
             generated = out[:, batch["input_ids"].shape[1] :].tolist()
-            for row, tokens in enumerate(generated):
-                prompt_index = idx[row // spec.n]
-                end = next((k for k, t in enumerate(tokens) if t in self.eos_ids), None)
-                kept = tokens if end is None else tokens[:end]
-                n_tokens = len(tokens) if end is None else end + 1
-                new_tokens += n_tokens
-                results.append(
-                    Completion(
-                        prompt_index=prompt_index,
-                        sample_idx=row % spec.n,
-                        response=self.tokenizer.decode(kept, skip_special_tokens=True).strip(),
-                        n_tokens=n_tokens,
-                        finish_reason="length" if end is None else "stop",
-                    )
-                )
+            for row, tokens in enumerate(generated):  # rows that ended early are padded after their end-of-turn
+                completion = completion_from_tokens(self.tokenizer, tokens, self.eos_ids, idx[row // spec.n],
+                                                    row % spec.n)
+                new_tokens += completion.n_tokens
+                results.append(completion)
             bar.update(len(generated))
             bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - started, 1e-9):.0f}")
         bar.close()

@@ -17,7 +17,7 @@ from ..chat import generation_prompt_ids
 from ..errors import InputError
 from ..modeling import load_tokenizer
 from ..vllm_engine import EnginePool, engine_spec
-from . import Completion, SamplingSpec
+from . import Completion, SamplingSpec, completion_from_tokens
 
 log = logging.getLogger("selfplay")
 
@@ -29,16 +29,16 @@ def request_seed(seed: int, key: str, sample_idx: int) -> int:
 
 
 def eos_token_ids(model_path: Path, tokenizer: Any) -> list[int]:
-    """The ids that end a turn: the generation config's eos ids (as transformers' generate uses), else the tokenizer's."""
+    """The ids that end a turn: the generation config's eos ids (as transformers' generate uses) and the tokenizer's
+    eos id, which vLLM always stops at as well — so a response ends with one of these exactly when it stopped."""
     from transformers import GenerationConfig
 
     try:
         eos = GenerationConfig.from_pretrained(model_path).eos_token_id
     except OSError:
         eos = None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return sorted(set(eos if isinstance(eos, list) else [eos]))
+    ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)
 
 
 class VLLMSampler:
@@ -89,12 +89,8 @@ class VLLMSampler:
                             "generation_s": round(time.time() - started, 2)}
         results: list[Completion] = []
         for chunk, chunk_out in zip(chunks, outputs, strict=True):
-            for row, (tokens, reason) in enumerate(chunk_out):
-                end = len(tokens) - 1 if tokens and tokens[-1] in self.eos_ids else None
-                results.append(Completion(
-                    prompt_index=chunk[row // spec.n], sample_idx=row % spec.n,
-                    response=self.tokenizer.decode(tokens if end is None else tokens[:end],
-                                                   skip_special_tokens=True).strip(),
-                    n_tokens=len(tokens), finish_reason="stop" if reason == "stop" else "length"))
+            # the engine stops at an end-of-turn id, so "stop" ⇔ the ids end with one (finish reason not needed)
+            results.extend(completion_from_tokens(self.tokenizer, tokens, self.eos_ids, chunk[row // spec.n], row % spec.n)
+                           for row, (tokens, _) in enumerate(chunk_out))
         results.sort(key=lambda c: (c.prompt_index, c.sample_idx))
         return results

@@ -45,20 +45,15 @@ def unique_responses(pairs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(sides).drop_duplicates(["prompt_id", "sample_idx"]).reset_index(drop=True)
 
 
-VLLM_CHUNK = 256  # sequences per engine call (margin.backend=vllm): the unit the pool hands out
-
-
 def vllm_logps(model_path, sequences: list[tuple[list[int], list[int]]], cfg, device, desc: str) -> np.ndarray:
     """The same sums as `completion_logps`, from the engine's prompt log-probs over prompt+completion ids."""
-    from ..vllm_engine import EnginePool, engine_spec
+    from ..vllm_engine import engine_spec, map_items
 
     spec = engine_spec(model_path, cfg.model.dtype, device, cfg.sampler, cfg.model.trust_remote_code)
     spec.max_model_len = max(spec.max_model_len, cfg.trainer.max_length)
-    chunks = [sequences[s : s + VLLM_CHUNK] for s in range(0, len(sequences), VLLM_CHUNK)]
-    with EnginePool(spec, cfg.sampler.num_engines, cfg.ray.address, cfg.ray.num_cpus) as pool:
-        parts = pool.map("completion_logprobs", chunks, desc=desc, unit="seq",
-                         count=lambda chunk, _: sum(len(p) + len(c) for p, c in chunk))
-    return np.array([v for part in parts for v in part], dtype=np.float64)
+    sums = map_items(spec, cfg.sampler, cfg.ray, "completion_logprobs", sequences, desc,
+                     tokens=lambda seq: len(seq[0]) + len(seq[1]))
+    return np.array(sums, dtype=np.float64)
 
 
 def score_model(model_path, responses: pd.DataFrame, cfg, device, desc: str) -> tuple[np.ndarray, np.ndarray, str]:
