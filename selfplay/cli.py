@@ -4,6 +4,10 @@
     selfplay run rounds=2 selection.metric=random trainer=simpo
     selfplay run -m selection.metric=map,random,explicit           a sweep, one run directory per value
     selfplay stage generate round=1                one stage of one round (SLURM array tasks use this)
+    selfplay stage generate round=1 shard=0 num_shards=4   shard 0 of 4 of a sharded stage (generate, score, margin)
+    selfplay stage score,pair round=1              several stages of one round, in order
+    selfplay submit [--dry-run] [overrides…]       the whole run as SLURM jobs (conf/launcher/slurm.yaml)
+    selfplay run -m selection.metric=map,random hydra/launcher=submitit_slurm   a sweep, one SLURM job per run
     selfplay status [RUN_DIR | overrides…] [--json]
     selfplay report RUN_DIR                        rebuild report.md and every round's card.md from the files
 Re-running the same command resumes: complete stages are skipped.
@@ -41,21 +45,29 @@ def _app(cfg) -> None:
     from . import pipeline
     from .config import STAGES, validate
     from .errors import SelfplayError
+    from .shards import SHARDED_STAGES
 
     logging.getLogger("selfplay").setLevel(logging.INFO)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate(cfg)
         OmegaConf.set_readonly(cfg, True)
-        if _task["command"] == "run":
+        if _task["command"] in ("run", None):  # None: a sweep job started by a Hydra launcher (submitit) runs `run`
+            if cfg.shard is not None:
+                raise SelfplayError("shard=/num_shards= belong to `selfplay stage generate|score|margin round=R`")
             pipeline.run(cfg, run_dir)
             return
-        stage = _task["stage"]
-        if stage not in STAGES:
-            raise SelfplayError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+        stages = _task["stage"].split(",")
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise SelfplayError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}")
         if cfg.round is None:
-            raise SelfplayError(f"`selfplay stage {stage}` needs round=R")
-        pipeline.run_stage(cfg, run_dir, stage, cfg.round, set(cfg.force))
+            raise SelfplayError(f"`selfplay stage {_task['stage']}` needs round=R")
+        if cfg.shard is not None and (len(stages) > 1 or stages[0] not in SHARDED_STAGES):
+            raise SelfplayError(f"shard=/num_shards= apply to one of {', '.join(SHARDED_STAGES)}, "
+                                f"not {_task['stage']}")
+        for stage in stages:
+            pipeline.run_stage(cfg, run_dir, stage, cfg.round, set(cfg.force), cfg.shard, cfg.num_shards)
     except SelfplayError as err:
         # The message says what to fix; a traceback would only bury it.
         log.error("%s", err)
@@ -110,12 +122,22 @@ def main(argv: list[str] | None = None) -> int:
         return _hydra(rest)
     if command == "stage":
         if not rest or "=" in rest[0]:
-            print("usage: selfplay stage NAME round=R [overrides…]", file=sys.stderr)
+            print("usage: selfplay stage NAME[,NAME…] round=R [shard=i num_shards=n] [overrides…]", file=sys.stderr)
             return 2
         _task.update(command="stage", stage=rest[0])
         return _hydra(rest[1:])
     if command == "status":
         return _status(rest)
+    if command == "submit":
+        from .errors import SelfplayError
+        from .slurm import submit
+
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        try:
+            return submit(rest)
+        except SelfplayError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if command == "report":
         if len(rest) != 1 or not Path(rest[0]).is_dir():
             print("usage: selfplay report RUN_DIR", file=sys.stderr)

@@ -175,6 +175,47 @@ class RayConfig:
 
 
 @dataclass
+class SlurmJobConfig:
+    # Array tasks for a sharded stage (generate/score/margin); 1 runs the stage as part of a plain job.
+    shards: int = 1
+    # Nodes per job (or per array task). > 1 brings up a Ray cluster across them (slurm/ray_cluster.sh) for vLLM.
+    nodes: int = 1
+    # GPUs per node (--gpus-per-node); 0 asks for none.
+    gpus_per_node: int = 0
+    # CPU cores for the job's one task (--cpus-per-task).
+    cpus_per_task: int = 2
+    # Memory per node (--mem), e.g. 64G; null: the partition's default.
+    mem: str | None = None
+    # Wall-clock limit (--time).
+    time: str = "04:00:00"
+    # Partition for this kind of job; null: launcher.partition.
+    partition: str | None = None
+
+
+@dataclass
+class LauncherConfig:
+    # `selfplay submit` only (a run itself ignores this group): how the run's jobs are written and submitted.
+    # Default partition, account and QoS of every job (null: the cluster's defaults).
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    # Shell lines run at the top of every job before selfplay (module load …, source venv/bin/activate).
+    # Written verbatim: they are your shell code, not values.
+    setup: list[str] = field(default_factory=list)
+    # Python that runs selfplay in the jobs; null: the interpreter running `selfplay submit`.
+    python: str | None = None
+    # More sbatch options for every job, each one option such as "--constraint=h100" or "--exclusive".
+    sbatch_options: list[str] = field(default_factory=list)
+    # Per kind of job: array tasks of the sharded stages, and the jobs that merge/pair/select (light) and train
+    # (select, train, eval run together).
+    generate: SlurmJobConfig = field(default_factory=lambda: SlurmJobConfig(shards=2))
+    score: SlurmJobConfig = field(default_factory=SlurmJobConfig)
+    margin: SlurmJobConfig = field(default_factory=SlurmJobConfig)
+    light: SlurmJobConfig = field(default_factory=lambda: SlurmJobConfig(time="01:00:00"))
+    train: SlurmJobConfig = field(default_factory=SlurmJobConfig)
+
+
+@dataclass
 class Config:
     # Name of the run directory under output_root.
     run_name: str = "default"
@@ -188,6 +229,10 @@ class Config:
     device: str = "auto"
     # `selfplay stage NAME round=R`: the round to run.
     round: int | None = None
+    # `selfplay stage generate|score|margin round=R shard=i num_shards=n`: compute shard i of n (SLURM array task i);
+    # the stage without shard= merges the parts (selfplay/shards.py).
+    shard: int | None = None
+    num_shards: int | None = None
     # Stages to redo although complete (names, or "all"); later stages that read them are redone too.
     force: list[str] = field(default_factory=list)
     # Experiment preset name, set by conf/experiment/*.yaml (informational).
@@ -206,6 +251,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
 STAGES = ("prompts", "generate", "score", "pair", "margin", "select", "train", "eval")
@@ -289,6 +335,43 @@ def validate(cfg: Any) -> None:
     _require(not bad, "force", f"unknown stage(s) {bad}; stages are {list(STAGES)} or 'all'")
     if cfg.round is not None:
         _require(cfg.round >= 0, "round", f"must be ≥ 0, got {cfg.round}")
+    _require((cfg.shard is None) == (cfg.num_shards is None), "shard",
+             "shard=i and num_shards=n go together (shard i of n, counting from 0)")
+    if cfg.num_shards is not None:
+        _require(cfg.num_shards >= 1, "num_shards", f"must be ≥ 1, got {cfg.num_shards}")
+        _require(0 <= cfg.shard < cfg.num_shards, "shard", f"must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
+    validate_launcher(cfg.launcher)
+
+
+# sbatch reads `#SBATCH` lines itself (no shell), but a newline in a value would start a new line of the script.
+_SBATCH_VALUE = r"[A-Za-z0-9_.:,=@%+/\-\[\]]+"
+JOB_KINDS = ("generate", "score", "margin", "light", "train")
+
+
+def validate_launcher(launcher: Any) -> None:
+    import re
+
+    for option in ("partition", "account", "qos"):
+        value = launcher[option]
+        _require(value is None or re.fullmatch(_SBATCH_VALUE, str(value)) is not None, f"launcher.{option}",
+                 f"{value!r} is not a plain SLURM name")
+    for option in launcher.sbatch_options:
+        _require(re.fullmatch(r"--?[A-Za-z][A-Za-z0-9-]*(=" + _SBATCH_VALUE + ")?", str(option)) is not None,
+                 "launcher.sbatch_options", f"{option!r} is not one sbatch option like --constraint=h100")
+    for line in launcher.setup:
+        _require("\n" not in str(line) and "\x00" not in str(line), "launcher.setup", "one shell line per entry")
+    for kind in JOB_KINDS:
+        job = launcher[kind]
+        _require(job.shards >= 1, f"launcher.{kind}.shards", f"must be ≥ 1, got {job.shards}")
+        _require(job.nodes >= 1, f"launcher.{kind}.nodes", f"must be ≥ 1, got {job.nodes}")
+        _require(job.gpus_per_node >= 0, f"launcher.{kind}.gpus_per_node", f"must be ≥ 0, got {job.gpus_per_node}")
+        _require(job.cpus_per_task >= 1, f"launcher.{kind}.cpus_per_task", f"must be ≥ 1, got {job.cpus_per_task}")
+        for option in ("mem", "time", "partition"):
+            value = job[option]
+            _require(value is None or re.fullmatch(_SBATCH_VALUE, str(value)) is not None,
+                     f"launcher.{kind}.{option}", f"{value!r} is not a plain SLURM value")
+    for kind in ("light", "train"):
+        _require(launcher[kind].shards == 1, f"launcher.{kind}.shards", "only generate, score and margin are sharded")
 
 
 def register() -> None:

@@ -89,18 +89,41 @@ def manifest_path(round_dir: Path, stage: str) -> Path:
     return round_dir / f"{stage}.done.json"
 
 
-def read_manifest(round_dir: Path, stage: str) -> dict[str, Any] | None:
-    path = manifest_path(round_dir, stage)
+def read_json(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     with open(path) as f:
         return json.load(f)
 
 
-def outputs_present(round_dir: Path, manifest: Mapping[str, Any]) -> bool:
-    """Cheap check (existence and size) that the files a manifest lists are still there."""
+def read_manifest(round_dir: Path, stage: str) -> dict[str, Any] | None:
+    return read_json(manifest_path(round_dir, stage))
+
+
+def build_manifest(stage: str, r: int, config: Mapping[str, Any], inputs: Mapping[str, str],
+                   outputs: dict[str, dict[str, Any]], stats: Mapping[str, Any], started: float) -> dict[str, Any]:
+    """A manifest: what ran (config, inputs), what it wrote (checksums), what it found (stats) and how long it took."""
+    finished = time.time()
+    return {
+        "version": MANIFEST_VERSION,
+        "stage": stage,
+        "round": r,
+        "config": dict(config),
+        "config_hash": fingerprint(config),
+        "inputs": dict(inputs),
+        "outputs": outputs,
+        "fingerprint": fingerprint(outputs),
+        "stats": dict(stats),
+        "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3),
+                    # the process's peak so far (Linux reports KiB)
+                    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
+    }
+
+
+def outputs_present(base_dir: Path, manifest: Mapping[str, Any]) -> bool:
+    """Cheap check (existence and size) that the files a manifest lists (relative to base_dir) are still there."""
     for rel, meta in manifest["outputs"].items():
-        path = round_dir / rel
+        path = base_dir / rel
         if not path.is_file() or path.stat().st_size != meta["bytes"]:
             return False
     return True
@@ -169,19 +192,7 @@ class StageWriter:
                 target.unlink()
             os.replace(self.tmp / name, target)
         outputs = checksum_outputs(self.round_dir, self.outputs)
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "stage": self.stage,
-            "round": int(self.round_dir.name.split("_")[-1]),
-            "config": dict(config),
-            "config_hash": fingerprint(config),
-            "inputs": dict(inputs),
-            "outputs": outputs,
-            "fingerprint": fingerprint(outputs),
-            "stats": dict(stats),
-            "timings": {"started": self.started, "finished": time.time(), "seconds": round(time.time() - self.started, 3),
-                        # the process's peak so far (Linux reports KiB)
-                        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
-        }
+        manifest = build_manifest(self.stage, int(self.round_dir.name.split("_")[-1]), config, inputs, outputs, stats,
+                                  self.started)
         write_json_atomic(manifest_path(self.round_dir, self.stage), manifest)
         return manifest

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from . import manifest as mf
+from . import shards
 from .config import STAGES
 from .errors import SelfplayError
 
@@ -117,24 +119,85 @@ def _policy_fingerprint(cfg: DictConfig) -> str:
     return mf.fingerprint({"files": files, "config": (path / "config.json").read_text()})
 
 
-def run_stage(cfg: DictConfig, run_dir: Path, stage: str, r: int, forced: set[str] = frozenset()) -> dict[str, Any]:
-    """Run one stage of one round unless its manifest says it is complete; return its manifest."""
+def run_stage(cfg: DictConfig, run_dir: Path, stage: str, r: int, forced: set[str] = frozenset(),
+              shard: int | None = None, num_shards: int | None = None) -> dict[str, Any]:
+    """Run one stage of one round (or one shard of it) unless already complete; return its manifest."""
     module = stage_module(stage)
     rdir = round_dir(run_dir, r)
     config = config_view(cfg, module.CONFIG)
     inputs = _input_fingerprints(cfg, run_dir, stage, r)
-    decision = mf.decide(rdir, stage, config, inputs, force=stage in forced or "all" in forced)
+    force = stage in forced or "all" in forced
+    label = f"round {r} {stage:<8}" if shard is None else f"round {r} {stage} shard {shard}/{num_shards}"
+    decision = mf.decide(rdir, stage, config, inputs, force=force)
     if not decision.run:
-        log.info("round %d %-8s skipped (%s)", r, stage, decision.reason)
+        log.info("%s skipped (%s)", label, decision.reason)
         return mf.read_manifest(rdir, stage)
-    log.info("round %d %-8s running (%s)", r, stage, decision.reason)
     save_config(cfg, run_dir)  # the config that produces what follows; a refused run never gets here
+    if shard is not None:
+        return _run_shard(module, StageContext(cfg=cfg, run_dir=run_dir, round=r, out=rdir), shard, num_shards,
+                          config, inputs, force, label)
+    log.info("%s running (%s)", label, decision.reason)
     with mf.StageWriter(rdir, stage, stage_outputs(module, r)) as writer:
         ctx = StageContext(cfg=cfg, run_dir=run_dir, round=r, out=writer.tmp)
-        module.run(ctx)
+        if stage in shards.SHARDED_STAGES:
+            _merge_shards(module, ctx, stage, config, inputs, force)
+        else:
+            module.run(ctx)
         manifest = writer.commit(config, inputs, ctx.stats)
-    log.info("round %d %-8s done in %.1fs %s", r, stage, manifest["timings"]["seconds"], _short(ctx.stats))
+    log.info("%s done in %.1fs %s", label, manifest["timings"]["seconds"], _short(ctx.stats))
     return manifest
+
+
+def _run_shard(module: Any, ctx: StageContext, shard: int, num_shards: int, config: dict, inputs: dict,
+               force: bool, label: str) -> dict[str, Any]:
+    """Compute and publish one shard unless it is already there (same config, same inputs)."""
+    stage = module.__name__.rsplit(".", 1)[-1]
+    rdir = ctx.round_dir
+    shards.check_shard_count(rdir, stage, num_shards, config, inputs)
+    done = shards.read_shard_manifests(rdir, stage).get(num_shards, {}).get(shard)
+    if done is not None and not force:
+        changed = mf.diff_config(done["config"], config)
+        if changed:
+            raise mf.StageConfigChanged(
+                f"{rdir.name}/{stage} shard {shard}/{num_shards} was computed with a different config:\n  "
+                + "\n  ".join(changed) + f"\nRe-run with the old values, or delete {shards.shard_dir(rdir, stage)}")
+        if done["inputs"] == inputs:
+            log.info("%s skipped (complete)", label)
+            return done
+    log.info("%s running", label)
+    started = time.time()
+    part = module.compute(ctx, shard, num_shards)
+    manifest = shards.write_part(rdir, stage, shard, num_shards, part, config, inputs, ctx.stats, started)
+    log.info("%s done in %.1fs (%d rows)", label, manifest["timings"]["seconds"], len(part))
+    return manifest
+
+
+def _merge_shards(module: Any, ctx: StageContext, stage: str, config: dict, inputs: dict, force: bool) -> None:
+    """Merge a complete set of shards into the stage's outputs: the parts of the shard count on disk (computing any
+    still missing here), or, with none on disk, the whole stage computed in this process as one part."""
+    rdir = ctx.round_dir
+    if force:
+        shards.remove_shards(rdir, stage)
+    found = shards.matching_shards(rdir, stage, config, inputs)
+    if not found:
+        part = module.compute(ctx, 0, 1)
+        path = ctx.out / f".{shards.part_name(0, 1)}.parquet"
+        part.to_parquet(path, index=False)
+        part_stats = [dict(ctx.stats)]
+        ctx.stats.clear()
+        module.merge(ctx, [path], part_stats)
+        return
+    num_shards = max(found, key=lambda n: len(found[n]))
+    for shard in range(num_shards):
+        if shard not in found[num_shards]:
+            log.info("round %d %s: shard %d/%d missing, computing it here", ctx.round, stage, shard, num_shards)
+            shard_ctx = StageContext(cfg=ctx.cfg, run_dir=ctx.run_dir, round=ctx.round, out=rdir)
+            found[num_shards][shard] = _run_shard(module, shard_ctx, shard, num_shards, config, inputs, False,
+                                                  f"round {ctx.round} {stage} shard {shard}/{num_shards}")
+    log.info("round %d %s: merging %d shards", ctx.round, stage, num_shards)
+    module.merge(ctx, [shards.part_path(rdir, stage, i, num_shards) for i in range(num_shards)],
+                 [found[num_shards][i]["stats"] for i in range(num_shards)])
+    ctx.stats["shards"] = num_shards
 
 
 def _short(stats: dict[str, Any]) -> str:
@@ -145,7 +208,7 @@ def _short(stats: dict[str, Any]) -> str:
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     text = OmegaConf.to_yaml(cfg, resolve=True)
-    tmp = run_dir / ".config.yaml.tmp"
+    tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"  # concurrent shard processes each write their own
     tmp.write_text(text)
     tmp.replace(run_dir / "config.yaml")
 

@@ -1,5 +1,7 @@
-"""Reward backends. `build_scorer(cfg, device)` returns `scorer(frame, desc) -> np.ndarray` of one finite
-float per row of a generations frame (columns prompt, response, and the prompt's extra columns)."""
+"""Reward backends. `build_scorer(cfg, device)` returns `scorer(frame, desc, shard=(i, n)) -> pd.Series`: one finite
+float per row of a generations frame (columns prompt, response, and the prompt's extra columns), indexed by row
+position. Each backend scores in a fixed schedule of batches; `shard` takes shard i of n of those batches
+(selfplay/shards.py), the default (0, 1) all rows."""
 
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..errors import InputError
+from ..shards import shard_span
 
-Scorer = Callable[..., np.ndarray]
+Scorer = Callable[..., pd.Series]
+ALL = (0, 1)
 RESERVED = {"prompt", "response", "prompt_id", "sample_idx", "n_tokens", "finish_reason"}
 
 
@@ -53,14 +57,16 @@ def function_scorer(spec: str, chunk: int = 512) -> Scorer:
     params = inspect.signature(fn).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
-    def score(frame: pd.DataFrame, desc: str = "score") -> np.ndarray:
+    def score(frame: pd.DataFrame, desc: str = "score", shard: tuple[int, int] = ALL) -> pd.Series:
         extra = [c for c in frame.columns if c not in RESERVED and c != "reward" and (takes_any or c in params)]
+        lo, hi = shard_span(len(frame), chunk, *shard)
         values: list[float] = []
-        for start in tqdm(range(0, len(frame), chunk), desc=desc, unit="chunk", dynamic_ncols=True):
-            part = frame.iloc[start : start + chunk]
+        for start in tqdm(range(lo, hi, chunk), desc=desc, unit="chunk", dynamic_ncols=True):
+            part = frame.iloc[start : min(start + chunk, hi)]
             kwargs = {c: list(part[c]) for c in extra}
             values.extend(fn(prompts=list(part["prompt"]), completions=list(part["response"]), **kwargs))
-        return check_rewards(values, len(frame), f"reward function {spec}", frame)
+        rows = np.arange(lo, hi)
+        return pd.Series(check_rewards(values, len(rows), f"reward function {spec}", frame.iloc[rows]), index=rows)
 
     return score
 
@@ -77,11 +83,14 @@ def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: i
     model = load_reward_model(Path(path), dtype, device, trust_remote_code)
     pad_id = model.config.pad_token_id
 
-    def score(frame: pd.DataFrame, desc: str = "score") -> np.ndarray:
+    def score(frame: pd.DataFrame, desc: str = "score", shard: tuple[int, int] = ALL) -> pd.Series:
         encoded = [reward_input_ids(tokenizer, p, r, max_length)
                    for p, r in zip(frame["prompt"], frame["response"], strict=True)]
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        out = np.empty(len(encoded))
+        # Longest first (ties by row): the batches are fixed by the data alone, so a shard's are the same batches.
+        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+        lo, hi = shard_span(len(order), batch_size, *shard)
+        order = order[lo:hi]
+        out = np.empty(len(order))
         for start in tqdm(range(0, len(order), batch_size), total=math.ceil(len(order) / batch_size), desc=desc,
                           unit="batch", dynamic_ncols=True):
             idx = order[start : start + batch_size]
@@ -93,8 +102,10 @@ def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: i
                 mask[row, : len(encoded[i])] = 1
             with torch.inference_mode():
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            out[idx] = logits[:, 0].float().cpu().numpy()
-        return check_rewards(out, len(frame), f"reward model {path}", frame)
+            out[start : start + len(idx)] = logits[:, 0].float().cpu().numpy()
+        values = pd.Series(out, index=np.asarray(order, dtype=np.int64)).sort_index()
+        check_rewards(values.to_numpy(), len(values), f"reward model {path}", frame.iloc[values.index])
+        return values
 
     return score
 
@@ -104,18 +115,20 @@ def vllm_scorer(model_dir: str, dtype: str, max_length: int, device: Any, trust_
     """The same classifier and inputs as `classifier_scorer`, served by vLLM's pooling runner on Ray actors."""
     from ..chat import reward_input_ids
     from ..modeling import load_tokenizer, resolve_model_path
-    from ..vllm_engine import engine_spec, map_items
+    from ..vllm_engine import ITEMS_PER_CALL, engine_spec, map_items
 
     path = resolve_model_path(model_dir)
     tokenizer = load_tokenizer(Path(path), trust_remote_code)
     spec = engine_spec(path, dtype, device, sampler_cfg, trust_remote_code, runner="pooling")
     spec.max_model_len = max(spec.max_model_len, max_length)
 
-    def score(frame: pd.DataFrame, desc: str = "score") -> np.ndarray:
+    def score(frame: pd.DataFrame, desc: str = "score", shard: tuple[int, int] = ALL) -> pd.Series:
+        lo, hi = shard_span(len(frame), ITEMS_PER_CALL, *shard)
         encoded = [reward_input_ids(tokenizer, p, r, max_length)
-                   for p, r in zip(frame["prompt"], frame["response"], strict=True)]
+                   for p, r in zip(frame["prompt"].iloc[lo:hi], frame["response"].iloc[lo:hi], strict=True)]
         values = map_items(spec, sampler_cfg, ray_cfg, "classify", encoded, desc, tokens=len)
-        return check_rewards(values, len(frame), f"reward model {path} (vllm)", frame)
+        rows = np.arange(lo, hi)
+        return pd.Series(check_rewards(values, len(rows), f"reward model {path} (vllm)", frame.iloc[rows]), index=rows)
 
     return score
 

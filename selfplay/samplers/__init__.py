@@ -39,6 +39,8 @@ class SamplingSpec:
     greedy: bool = False
     seed: int = 0
     batch_size: int = 16
+    # Global index of the first batch (a shard starts mid-list): the hf backend seeds each batch by its index.
+    first_batch: int = 0
 
 
 def build_sampler(cfg: Any, model_path: Any, device: Any) -> Any:

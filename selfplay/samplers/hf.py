@@ -1,4 +1,4 @@
-"""transformers `generate` sampler: length-sorted batches, N samples per prompt, seeded per batch."""
+"""transformers `generate` sampler: batches of prompts in list order, N samples per prompt, seeded per batch."""
 
 from __future__ import annotations
 
@@ -70,13 +70,15 @@ class HFSampler:
 
     def generate(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate",
                  keys: list[str] | None = None) -> list[Completion]:
-        # `keys` (prompt ids) is unused here: this backend seeds per batch of the length-sorted prompt list.
+        # `keys` (prompt ids) is unused here: this backend seeds per batch of `batch_size` prompts, in list order.
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
 
         encoded = [generation_prompt_ids(self.tokenizer, p) for p in prompts]
-        # Longest first: batches of similar length waste little on padding, and an out-of-memory shows up at once.
-        order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
+        # Batches in list order, not length-sorted: a batch is the unit of work, so a shard (a range of whole batches)
+        # computes exactly what the single-process run does (padding waste is small: prompts are short next to
+        # max_new_tokens).
+        order = list(range(len(prompts)))
         gen_config = GenerationConfig(
             do_sample=not spec.greedy,
             temperature=None,  # temperature and top-p are applied by TemperatureTopP (HF's order, faster nucleus)
@@ -98,7 +100,7 @@ class HFSampler:
                 {"input_ids": [encoded[i] for i in idx]}, padding=True, padding_side="left", return_tensors="pt"
             ).to(self.device)
             # One seed per batch: the same config gives the same responses, whatever ran before in the process.
-            torch.manual_seed(spec.seed * 100_003 + batch_no)
+            torch.manual_seed(spec.seed * 100_003 + spec.first_batch + batch_no)
             with torch.inference_mode():
                 out = self.model.generate(**batch, generation_config=gen_config,
                                           logits_processor=LogitsProcessorList(processors))

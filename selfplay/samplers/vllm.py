@@ -71,8 +71,10 @@ class VLLMSampler:
                         self.spec.max_model_len)
         self.skipped_overlong = len(overlong)
         skip = set(overlong)
-        kept = [i for i in range(len(prompts)) if i not in skip]
-        chunks = [kept[s : s + spec.batch_size] for s in range(0, len(kept), spec.batch_size)]
+        # Chunks are fixed ranges of the list (skipped prompts leave a chunk smaller), so a shard — a range of whole
+        # chunks — runs exactly the single-process run's chunks.
+        chunks = [chunk for s in range(0, len(prompts), spec.batch_size)
+                  if (chunk := [i for i in range(s, min(s + spec.batch_size, len(prompts))) if i not in skip])]
         requests = [[(encoded[i], request_seed(spec.seed, keys[i], k)) for i in chunk for k in range(spec.n)]
                     for chunk in chunks]
         params = dict(max_tokens=spec.max_new_tokens, stop_token_ids=self.eos_ids, skip_special_tokens=True,

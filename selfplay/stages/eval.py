@@ -46,7 +46,7 @@ def generate_and_score(ctx, policy_path, prompts: pd.DataFrame, scorer, label: s
                         batch_size=cfg.sampler.batch_size if cfg.sampler.backend == "vllm" else cfg.eval.batch_size)
     completions = sampler.generate(list(prompts["prompt"]), spec, desc=label, keys=[str(k) for k in prompts["prompt_id"]])
     frame = completions_frame(prompts, completions)
-    frame["reward"] = scorer(frame, desc=f"{label} score")
+    frame["reward"] = scorer(frame, desc=f"{label} score").to_numpy()
     return frame
 
 

@@ -1,18 +1,22 @@
 """generate — N candidate responses per prompt from the round's policy π_r.
 
 Input:   round_XX/prompts.parquet; π_r (round 0: model.path, else round_{r-1}/policy)
-Output:  round_XX/generations/part-00000.parquet
+Output:  round_XX/generations/part-*.parquet (one part per shard, in prompt-file order)
          prompt_id, prompt, sample_idx, response, n_tokens, finish_reason (+ the prompt file's other columns)
-Alone:   selfplay stage generate round=R
+Alone:   selfplay stage generate round=R [shard=i num_shards=n]   (see selfplay/shards.py)
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
+from .. import shards
 from ..chat import template_sha256
 from ..config import round_seed
 from ..samplers import SamplingSpec, build_sampler
+from ..shards import shard_span
 
 OUTPUTS = ("generations",)
 # Everything that decides the responses. Left out on purpose: how many engines share the work and how much memory
@@ -43,25 +47,40 @@ def completions_frame(prompts: pd.DataFrame, completions: list) -> pd.DataFrame:
     return pd.concat([prompt_rows[first], rows, prompt_rows[extra]], axis=1)
 
 
-def run(ctx) -> None:
+def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
+    """The completions of this shard's chunks of `sampler.batch_size` prompts (the unit of work of both backends)."""
     cfg = ctx.cfg
-    prompts = ctx.read_parquet("prompts.parquet")
-    sampler = build_sampler(cfg, ctx.policy_path(), ctx.device)
     s = cfg.sampler
+    prompts = ctx.read_parquet("prompts.parquet")
+    lo, hi = shard_span(len(prompts), s.batch_size, shard, num_shards)
+    prompts = prompts.iloc[lo:hi].reset_index(drop=True)
+    sampler = build_sampler(cfg, ctx.policy_path(), ctx.device)
     spec = SamplingSpec(n=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                        seed=round_seed(cfg.seed, ctx.round), batch_size=s.batch_size)
-    completions = sampler.generate(list(prompts["prompt"]), spec, desc=f"round {ctx.round} generate",
+                        seed=round_seed(cfg.seed, ctx.round), batch_size=s.batch_size, first_batch=lo // s.batch_size)
+    label = f"round {ctx.round} generate" + (f" {shard}/{num_shards}" if num_shards > 1 else "")
+    completions = sampler.generate(list(prompts["prompt"]), spec, desc=label,
                                    keys=[str(k) for k in prompts["prompt_id"]])
-    df = completions_frame(prompts, completions)
-    (ctx.out / "generations").mkdir()
-    df.to_parquet(ctx.out / "generations" / "part-00000.parquet", index=False)
+    ctx.stats.update(prompts=len(prompts), skipped_overlong_prompts=getattr(sampler, "skipped_overlong", 0),
+                     **getattr(sampler, "timings", {}), chat_template_sha256=template_sha256(sampler.tokenizer))
+    return completions_frame(prompts, completions)
+
+
+def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
+    """The parts become generations/part-XXXXX.parquet in shard order (hard links, not copies)."""
+    out = ctx.out / "generations"
+    out.mkdir()
+    for i, part in enumerate(parts):
+        shards.link_or_copy(part, out / f"part-{i:05d}.parquet")
+    columns = pd.concat([pd.read_parquet(p, columns=["n_tokens", "finish_reason"]) for p in parts], ignore_index=True)
+    timings = {k: round(sum(s.get(k, 0) for s in part_stats), 2) for k in ("engine_start_s", "generation_s")
+               if any(k in s for s in part_stats)}
     ctx.stats.update(
-        prompts=len(prompts),
-        responses=len(df),
-        tokens=int(df["n_tokens"].sum()),
-        mean_response_tokens=round(float(df["n_tokens"].mean()), 2),
-        hit_length_limit=int((df["finish_reason"] == "length").sum()),
-        skipped_overlong_prompts=getattr(sampler, "skipped_overlong", 0),
-        **getattr(sampler, "timings", {}),
-        chat_template_sha256=template_sha256(sampler.tokenizer),
+        prompts=sum(s["prompts"] for s in part_stats),
+        responses=len(columns),
+        tokens=int(columns["n_tokens"].sum()),
+        mean_response_tokens=round(float(columns["n_tokens"].mean()), 2) if len(columns) else None,
+        hit_length_limit=int((columns["finish_reason"] == "length").sum()),
+        skipped_overlong_prompts=sum(s["skipped_overlong_prompts"] for s in part_stats),
+        **timings,
+        chat_template_sha256=part_stats[0]["chat_template_sha256"],
     )

@@ -9,19 +9,22 @@ Forms:   default (SimPO, reference-free): ρ(y) = mean over response tokens of l
          ids the trainer will see (selfplay.chat.training_tokens), each distinct response once. The sums are
          DPO's reference log-probs of π_r, which the train stage reuses. margin.backend=vllm takes the same
          sums from a vLLM engine's prompt log-probs (agreement with hf: tests/test_vllm.py).
-Alone:   selfplay stage margin round=R
+Alone:   selfplay stage margin round=R [shard=i num_shards=n]   (see selfplay/shards.py)
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..chat import template_sha256, training_tokens
+from ..errors import SelfplayError
 from ..logprobs import completion_logps
 from ..modeling import load_causal_lm, load_tokenizer, resolve_model_path
+from ..shards import shard_span
 
 log = logging.getLogger("selfplay")
 
@@ -56,33 +59,68 @@ def vllm_logps(model_path, sequences: list[tuple[list[int], list[int]]], cfg, de
     return np.array(sums, dtype=np.float64)
 
 
-def score_model(model_path, responses: pd.DataFrame, cfg, device, desc: str) -> tuple[np.ndarray, np.ndarray, str]:
+def score_model(model_path, responses: pd.DataFrame, cfg, device, desc: str,
+                shard: tuple[int, int]) -> tuple[pd.DataFrame, str]:
+    """Log-prob sums and token counts of this shard's share of the responses under one model, keyed by row.
+
+    The schedule is the backend's: hf forwards length-sorted batches of margin.batch_size, vllm sends chunks of
+    ITEMS_PER_CALL in row order; a shard takes whole batches of it (selfplay/shards.py)."""
+    from ..vllm_engine import ITEMS_PER_CALL
+
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     sequences = [
         training_tokens(tokenizer, p, r, cfg.trainer.objective, cfg.trainer.max_length)
         for p, r in zip(responses["prompt"], responses["response"], strict=True)
     ]
     if cfg.margin.backend == "vllm":
-        sums, counts = vllm_logps(model_path, sequences, cfg, device, desc), np.array([len(c) for _, c in sequences])
+        lo, hi = shard_span(len(sequences), ITEMS_PER_CALL, *shard)
+        rows = list(range(lo, hi))
+        sums = vllm_logps(model_path, [sequences[i] for i in rows], cfg, device, desc)
     else:
+        # completion_logps sorts longest first (stably); handing it this shard's slice of the same order gives it
+        # exactly the single-process batches.
+        order = sorted(range(len(sequences)), key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1])))
+        lo, hi = shard_span(len(order), cfg.margin.batch_size, *shard)
+        rows = order[lo:hi]
         model = load_causal_lm(model_path, cfg.model.dtype, device, cfg.model.trust_remote_code)
-        sums, counts = completion_logps(model, sequences, device, cfg.margin.batch_size, tokenizer.pad_token_id,
-                                        desc=desc, bf16=cfg.trainer.bf16)
-    return sums, counts, template_sha256(tokenizer)
+        sums, _ = completion_logps(model, [sequences[i] for i in rows], device, cfg.margin.batch_size,
+                                   tokenizer.pad_token_id, desc=desc, bf16=cfg.trainer.bf16)
+    values = pd.DataFrame({"row": np.asarray(rows, dtype=np.int64), "logp_sum": np.asarray(sums, dtype=np.float64),
+                           "n_tokens": np.array([len(sequences[i][1]) for i in rows], dtype=np.int64)})
+    return values, template_sha256(tokenizer)
 
 
-def run(ctx) -> None:
+def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
+    """Log-prob sums of this shard's responses under π_r (model "policy") and the reference model, if any."""
+    cfg = ctx.cfg
+    responses = unique_responses(ctx.read_parquet("candidate_pairs.parquet"))
+    label = f"round {ctx.round} margin" + (f" {shard}/{num_shards}" if num_shards > 1 else "")
+    policy, template = score_model(ctx.policy_path(), responses, cfg, ctx.device, label, (shard, num_shards))
+    parts = [policy.assign(model="policy")]
+    if cfg.model.reference:
+        reference, _ = score_model(resolve_model_path(cfg.model.reference), responses, cfg, ctx.device,
+                                   f"round {ctx.round} reference", (shard, num_shards))
+        parts.append(reference.assign(model="reference"))
+    ctx.stats.update(chat_template_sha256=template)
+    return pd.concat(parts, ignore_index=True)
+
+
+def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
     cfg = ctx.cfg
     pairs = ctx.read_parquet("candidate_pairs.parquet")
     responses = unique_responses(pairs)
-    sums, counts, template = score_model(ctx.policy_path(), responses, cfg, ctx.device, f"round {ctx.round} margin")
-    responses["logp_sum"] = sums
-    responses["n_tokens"] = counts
+    values = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    for model, prefix in (("policy", ""), ("reference", "ref_")) if cfg.model.reference else (("policy", ""),):
+        mine = values[values["model"] == model].set_index("row").sort_index()
+        if not mine.index.equals(pd.RangeIndex(len(responses))):
+            raise SelfplayError(f"round {ctx.round} margin: the shard parts do not cover the {len(responses)} "
+                                f"responses ({model}); delete shards/margin in the round directory and run it again")
+        responses[f"{prefix}logp_sum"] = mine["logp_sum"].to_numpy()
+        if model == "policy":
+            responses["n_tokens"] = mine["n_tokens"].to_numpy()
+    sums, counts = responses["logp_sum"].to_numpy(), responses["n_tokens"].to_numpy()
     responses["logp_mean"] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    if cfg.model.reference:
-        ref_sums, _, _ = score_model(resolve_model_path(cfg.model.reference), responses, cfg, ctx.device,
-                                  f"round {ctx.round} reference")
-        responses["ref_logp_sum"] = ref_sums
+    template = part_stats[0]["chat_template_sha256"]
 
     keyed = responses.set_index(["prompt_id", "sample_idx"])
     for side in ("chosen", "rejected"):

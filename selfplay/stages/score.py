@@ -5,11 +5,16 @@ Output:  round_XX/scores/part-00000.parquet   generations' columns + reward
 Backends (reward.backend): `function` — a TRL-style reward function `module:function`
          (f(prompts, completions, **columns) -> list[float]); `hf_classifier` — a local
          AutoModelForSequenceClassification reward model run with its own chat template.
-Alone:   selfplay stage score round=R
+Alone:   selfplay stage score round=R [shard=i num_shards=n]   (see selfplay/shards.py)
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import SelfplayError
 from ..rewards.scoring import build_scorer
 
 OUTPUTS = ("scores",)
@@ -20,10 +25,27 @@ def requires(r: int) -> list[tuple[int, str]]:
     return [(r, "generate")]
 
 
-def run(ctx) -> None:
+def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
+    """Rewards of this shard's batches of the backend's schedule, keyed by row of the generations."""
     df = ctx.read_parquet("generations")
     scorer = build_scorer(ctx.cfg, ctx.device)
-    df["reward"] = scorer(df, desc=f"round {ctx.round} score")
+    label = f"round {ctx.round} score" + (f" {shard}/{num_shards}" if num_shards > 1 else "")
+    rewards = scorer(df, desc=label, shard=(shard, num_shards))
+    rows = rewards.index.to_numpy()
+    return pd.DataFrame({"row": rows, "prompt_id": df["prompt_id"].to_numpy()[rows],
+                         "sample_idx": df["sample_idx"].to_numpy()[rows], "reward": rewards.to_numpy()})
+
+
+def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
+    df = ctx.read_parquet("generations")
+    rewards = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).set_index("row").sort_index()
+    # Every row scored exactly once, by the row it claims (a part from other generations would not line up).
+    if not rewards.index.equals(pd.RangeIndex(len(df))) or not (
+            (rewards["prompt_id"].to_numpy() == df["prompt_id"].to_numpy()).all()
+            and (rewards["sample_idx"].to_numpy() == df["sample_idx"].to_numpy()).all()):
+        raise SelfplayError(f"round {ctx.round} score: the shard parts do not cover the {len(df)} generations row for "
+                            "row; delete shards/score in the round directory and score again")
+    df["reward"] = rewards["reward"].to_numpy()
     (ctx.out / "scores").mkdir()
     df.to_parquet(ctx.out / "scores" / "part-00000.parquet", index=False)
     ctx.stats.update(responses=len(df), mean_reward=round(float(df["reward"].mean()), 4),

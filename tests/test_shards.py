@@ -1,0 +1,94 @@
+"""Sharded stages (what SLURM array tasks run): any shard count gives the single-process result, bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import run_cli, tiny_overrides
+from safetensors.torch import load_file
+
+from selfplay import manifest as mf
+from selfplay import pipeline
+from selfplay.shards import read_shard_manifests, shard_span
+from selfplay.slurm import compose
+
+
+def test_shard_span_covers_every_unit_once_on_unit_boundaries():
+    for n_items in (0, 1, 7, 16, 17, 100):
+        for unit in (1, 4, 16):
+            for num_shards in (1, 2, 3, 8):
+                spans = [shard_span(n_items, unit, i, num_shards) for i in range(num_shards)]
+                covered = [j for lo, hi in spans for j in range(lo, hi)]
+                assert covered == list(range(n_items))
+                assert all(lo % unit == 0 for lo, _ in spans)
+
+
+def frames(run_dir: Path, r: int = 0) -> dict[str, pd.DataFrame]:
+    rdir = run_dir / f"round_{r:02d}"
+    read = lambda p: pd.concat([pd.read_parquet(f) for f in sorted(p.glob("part-*.parquet"))], ignore_index=True)  # noqa: E731
+    return {"generations": read(rdir / "generations"), "scores": read(rdir / "scores"),
+            "pairs": pd.read_parquet(rdir / "pairs.parquet"), "selected": pd.read_parquet(rdir / "selected.parquet")}
+
+
+@pytest.mark.parametrize("reward", ["hf_classifier", "function"])
+def test_sharded_stages_equal_the_single_process_run(tmp_path, tiny_policy, tiny_reward_model, reward):
+    rm = tiny_reward_model if reward == "hf_classifier" else None
+    # Small batches so that every stage has several units of work to split: 6 prompts in 3 generate batches.
+    extra = ["rounds=1", "sampler.batch_size=2", "reward.batch_size=4", "margin.batch_size=4"]
+    local = run_cli("run", *tiny_overrides(tmp_path, tiny_policy, rm, "local"), *extra)
+    assert local.returncode == 0, local.stderr[-3000:]
+
+    overrides = [*tiny_overrides(tmp_path, tiny_policy, rm, "sharded"), *extra]
+    run_dir = tmp_path / "sharded"
+    cfg = compose(overrides)
+
+    def stage(name: str, shard: int | None = None, num_shards: int | None = None) -> dict:
+        return pipeline.run_stage(cfg, run_dir, name, 0, set(), shard, num_shards)
+
+    stage("prompts")
+    # One shard through the real command line (what an array task runs), the rest in this process.
+    shard_cli = run_cli("stage", "generate", "round=0", *overrides, "shard=1", "num_shards=3")
+    assert shard_cli.returncode == 0, shard_cli.stderr[-3000:]
+    for i in (0, 2, 1):  # out of order, and shard 1 again (already on disk: skipped)
+        stage("generate", i, 3)
+    assert sorted(read_shard_manifests(run_dir / "round_00", "generate")[3]) == [0, 1, 2]
+    merged = stage("generate")
+    assert merged["stats"]["shards"] == 3 and merged["stats"]["responses"] == 6 * 3
+    assert len(list((run_dir / "round_00" / "generations").glob("part-*.parquet"))) == 3
+    stage("score", 0, 2)  # shard 1 of 2 is never run as a shard: the merge computes it in-process
+    assert stage("score")["stats"]["shards"] == 2
+    stage("pair")
+    for i in range(4):  # more shards than margin batches: some shards are empty
+        stage("margin", i, 4)
+    assert stage("margin")["stats"]["shards"] == 4
+    for name in ("select", "train", "eval"):
+        stage(name)
+
+    ours, theirs = frames(run_dir), frames(tmp_path / "local")
+    for name in ours:
+        pd.testing.assert_frame_equal(ours[name], theirs[name], check_exact=True, obj=name)
+    weights = load_file(run_dir / "round_00" / "policy" / "model.safetensors")
+    reference = load_file(tmp_path / "local" / "round_00" / "policy" / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    assert all((weights[k] == reference[k]).all() for k in weights)
+
+
+def test_shards_refuse_a_second_shard_count_and_a_changed_config(tmp_path, tiny_policy):
+    overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "mixed"), "rounds=1", "sampler.batch_size=2"]
+    run_dir = tmp_path / "mixed"
+    cfg = compose(overrides)
+    pipeline.run_stage(cfg, run_dir, "prompts", 0)
+    pipeline.run_stage(cfg, run_dir, "generate", 0, set(), 0, 2)
+    other = run_cli("stage", "generate", "round=0", *overrides, "shard=0", "num_shards=3")
+    assert other.returncode == 2
+    assert "already has shards of num_shards=2" in other.stderr and "Traceback" not in other.stderr
+    changed = run_cli("stage", "generate", "round=0", *overrides, "sampler.temperature=0.5", "shard=0", "num_shards=2")
+    assert changed.returncode == 2 and "sampler.temperature: 0.8 -> 0.5" in changed.stderr
+    bad = run_cli("stage", "pair", "round=0", *overrides, "shard=0", "num_shards=2")
+    assert bad.returncode == 2 and "apply to one of generate, score, margin" in bad.stderr
+    half = run_cli("stage", "generate", "round=0", *overrides, "shard=2", "num_shards=2")
+    assert half.returncode == 2 and "shard: must be in [0, num_shards=2)" in half.stderr
+    # The untouched shard 0 is still the one on disk, its manifest unchanged.
+    assert mf.read_json(run_dir / "round_00" / "shards" / "generate" / "part-00000-of-00002.done.json")["shard"] == 0
