@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# A private single-node SLURM cluster (Debian 12, Slurm 22.05) for tests, run as root.
+#   scripts/slurm_cluster.sh install     apt-get the packages (no-op when already installed)
+#   scripts/slurm_cluster.sh start DIR   munged + MariaDB + slurmdbd + slurmctld + slurmd, all state under DIR
+#   scripts/slurm_cluster.sh stop DIR    stop every daemon that `start DIR` began
+# Clients: `. DIR/env.sh` (sets SLURM_CONF), then sbatch/squeue/sacct as usual.
+# Every port is picked free at start and every socket/pid/log/state path lives under DIR (munge's in a /tmp dir
+# linked from DIR/munge/dir), so two clusters (or a system-wide Slurm/MariaDB/munge) can run side by side.
+set -euo pipefail
+# Daemons and admin tools live in /usr/sbin, which a non-login shell's PATH may lack.
+export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH:-}"
+
+CLUSTER=selfplay
+DAEMONS=(slurmctld slurmd munged slurmdbd)
+
+log() { echo "[slurm_cluster] $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+installed() {
+  local d
+  for d in "${DAEMONS[@]}"; do command -v "$d" >/dev/null || return 1; done
+  command -v mariadbd >/dev/null || command -v mysqld >/dev/null
+}
+
+cmd_install() {
+  if installed; then log "already installed"; return 0; fi
+  [ "$(id -u)" = 0 ] || die "install needs root"
+  local t0=$SECONDS pkgs=(slurm-wlm slurmdbd munge mariadb-server)
+  # Keep the package scripts from starting system-wide munge/MariaDB/Slurm (default ports and sockets): only our
+  # private daemons should run. 101 = "action forbidden" for invoke-rc.d and deb-systemd-invoke.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+  fi
+  # The package index is refreshed only when apt does not know the packages yet (a fresh machine has no lists) or
+  # when installing from it fails (stale lists name versions the mirror no longer has).
+  # DPkg::Lock::Timeout: a freshly booted VM may be running unattended-upgrades.
+  local apt=(apt-get -q -o DPkg::Lock::Timeout=300)
+  if ! apt-cache show "${pkgs[@]}" >/dev/null 2>&1; then "${apt[@]}" update; fi
+  if ! DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends "${pkgs[@]}"; then
+    log "apt-get install failed: refreshing the package index and retrying"
+    "${apt[@]}" update
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y --no-install-recommends "${pkgs[@]}"
+  fi
+  installed || die "packages installed but a daemon is missing"
+  log "installed in $((SECONDS - t0)) s"
+}
+
+# A TCP port nobody uses now (below the kernel's ephemeral range so outgoing connections cannot take it later).
+# /proc/net/tcp{,6} list every socket's local port in hex (field 2, "ADDR:PORT"); python may not be installed.
+# Sets the variable named $1 (not echoed: a $(...) subshell would lose USED_PORTS, which keeps picks distinct).
+USED_PORTS=" "
+free_port() {
+  local used="" f p _ local_addr
+  for f in /proc/net/tcp /proc/net/tcp6; do
+    [ -r "$f" ] || continue
+    while read -r _ local_addr _; do used+=" $((16#${local_addr##*:}))"; done < <(tail -n +2 "$f")
+  done
+  for _ in $(seq 200); do
+    p=$((20000 + RANDOM % 12000))
+    case "$used $USED_PORTS " in *" $p "*) continue ;; esac
+    USED_PORTS+="$p "
+    printf -v "$1" %s "$p"
+    return 0
+  done
+  die "no free port found"
+}
+
+# Wait up to $1 seconds for the command in "$@" to succeed.
+wait_for() {
+  local secs=$1; shift
+  local end=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $end ] || return 1
+    sleep 0.2
+  done
+}
+
+node_idle() { [ "$(sinfo -h -N -o %t 2>/dev/null)" = idle ]; }
+no_jobs() { [ -z "$(squeue -h -t R,CG,S 2>/dev/null)" ]; }
+
+cmd_start() {
+  local dir=${1:?usage: start DIR}
+  [ "$(id -u)" = 0 ] || die "start needs root"
+  installed || die "not installed: run '$0 install'"
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  [ ! -e "$dir/slurm.conf" ] || die "$dir already holds a cluster (stop it and use a fresh DIR)"
+  local t0=$SECONDS host mem_mb cpus db_port dbd_port ctld_port slurmd_port
+  mkdir -p "$dir"/{munge,db,state,spool,log,run}
+  host=$(hostname -s)
+  cpus=$(nproc)
+  # RealMemory above what slurmd detects would drain the node: stay ~5% (at least 256 MB) below MemTotal.
+  mem_mb=$(awk '/^MemTotal:/ { m = int($2 / 1024); r = int(m * 0.05); if (r < 256) r = 256; print m - r }' /proc/meminfo)
+  free_port db_port; free_port dbd_port; free_port ctld_port; free_port slurmd_port
+
+  # munge: a private key and socket, munged running as the munge user as packaged. munged insists that every
+  # directory above its socket be searchable by all users, which DIR's parents may not be (pytest's tmp dirs are
+  # 0700), so its key, socket, pid and log live in a /tmp directory of their own, linked from DIR/munge/dir.
+  local mdir
+  mdir=$(mktemp -d /tmp/slurm-munge.XXXXXX)
+  ln -s "$mdir" "$dir/munge/dir"
+  chown munge:munge "$mdir" && chmod 755 "$mdir"  # munged wants its socket dir searchable by all
+  dd if=/dev/urandom bs=1 count=1024 of="$mdir/munge.key" status=none
+  chown munge:munge "$mdir/munge.key" && chmod 400 "$mdir/munge.key"
+  runuser -u munge -- munged --key-file="$mdir/munge.key" --socket="$mdir/munge.socket" \
+    --pid-file="$mdir/munged.pid" --log-file="$mdir/munged.log" --seed-file="$mdir/munged.seed"
+  wait_for 10 test -S "$mdir/munge.socket" || die "munged did not start: $(cat "$mdir/munged.log" 2>/dev/null)"
+  local auth="AuthType=auth/munge
+AuthInfo=socket=$mdir/munge.socket"
+
+  # MariaDB for slurmdbd: private datadir/socket, TCP on a free loopback port (slurmdbd connects over TCP).
+  local sock="$dir/run/mysqld.sock" mysqld
+  mysqld=$(command -v mariadbd || command -v mysqld)
+  cat >"$dir/my.cnf" <<EOF
+[mysqld]
+datadir=$dir/db
+socket=$sock
+pid-file=$dir/run/mysqld.pid
+log-error=$dir/log/mysqld.log
+port=$db_port
+bind-address=127.0.0.1
+skip-name-resolve
+# A throwaway test database: small and fast rather than durable.
+innodb_buffer_pool_size=128M
+innodb_log_file_size=64M
+innodb_flush_log_at_trx_commit=0
+innodb_lock_wait_timeout=900
+[client]
+socket=$sock
+EOF
+  mariadb-install-db --defaults-file="$dir/my.cnf" --user=root --skip-test-db >"$dir/log/mysql-install.log" 2>&1 \
+    || die "mariadb-install-db failed: $(tail -5 "$dir/log/mysql-install.log")"
+  # mariadbd does not daemonize: detach it (own session, no inherited stdio) so the caller does not wait on it.
+  setsid "$mysqld" --defaults-file="$dir/my.cnf" --user=root </dev/null >>"$dir/log/mysqld.log" 2>&1 &
+  wait_for 60 mariadb-admin --defaults-file="$dir/my.cnf" -uroot ping \
+    || die "MariaDB did not start: $(tail -5 "$dir/log/mysqld.log")"
+  local dbpass
+  dbpass=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  # root@localhost authenticates by unix socket, which matches us (root).
+  mariadb --defaults-file="$dir/my.cnf" -uroot <<EOF
+CREATE DATABASE slurm_acct_db;
+CREATE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$dbpass';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+EOF
+
+  # slurmdbd reads slurmdbd.conf from the directory of $SLURM_CONF; it must be mode 600 and owned by SlurmUser.
+  export SLURM_CONF="$dir/slurm.conf"
+  (umask 077; cat >"$dir/slurmdbd.conf" <<EOF
+$auth
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$dbd_port
+SlurmUser=root
+PidFile=$dir/run/slurmdbd.pid
+LogFile=$dir/log/slurmdbd.log
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$db_port
+StorageUser=slurm
+StoragePass=$dbpass
+StorageLoc=slurm_acct_db
+EOF
+  )
+  cat >"$dir/slurm.conf" <<EOF
+ClusterName=$CLUSTER
+# Addresses given explicitly: the host name need not resolve (fresh CI machines).
+SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=$ctld_port
+SlurmdPort=$slurmd_port
+SlurmUser=root
+$auth
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/run/slurmctld.pid
+SlurmdPidFile=$dir/run/slurmd.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# No cgroups: works in containers and VMs without a delegated cgroup tree.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+# Without a default a job without --mem takes the whole node's memory, and jobs would run one at a time.
+DefMemPerCPU=$((mem_mb / cpus))
+# Accounting through slurmdbd (sacct), plus a plain-text record of every finished job as a fallback.
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$dbd_port
+# Connections to slurmdbd authenticate with this munge socket, not AuthInfo's.
+AccountingStoragePass=socket=$mdir/munge.socket
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=30
+JobCompType=jobcomp/filetxt
+JobCompLoc=$dir/log/jobcomp.txt
+# Tests wait on dependency chains. Measured end-of-job to afterok-dependent start: ~3 s with the defaults, ~1 s
+# with batch_sched_delay=0 (batch jobs start on the next main pass), 0.4-0.6 s adding bf_interval=1 (backfill
+# pass every second instead of every 30 s).
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0,bf_interval=1
+MaxArraySize=1001
+KillWait=5
+ReturnToService=2
+# Finished jobs stay visible to squeue/scontrol for 5 minutes.
+MinJobAge=300
+SlurmdTimeout=60
+InactiveLimit=0
+MpiDefault=none
+MailProg=/bin/true
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+EOF
+
+  slurmdbd || die "slurmdbd failed: $(tail -5 "$dir/log/slurmdbd.log")"
+  wait_for 60 sacctmgr -n list cluster || die "slurmdbd does not answer: $(tail -5 "$dir/log/slurmdbd.log")"
+  # slurmctld registers with slurmdbd only as a known cluster.
+  sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
+  slurmctld || die "slurmctld failed: $(tail -5 "$dir/log/slurmctld.log")"
+  slurmd || die "slurmd failed: $(tail -5 "$dir/log/slurmd.log")"
+  wait_for 60 node_idle || die "node not idle: $(sinfo -N 2>&1; tail -5 "$dir/log/slurmd.log" "$dir/log/slurmctld.log")"
+  wait_for 30 sacct -n -X -S now || die "sacct does not answer"
+
+  cat >"$dir/env.sh" <<EOF
+# Source me for this cluster's clients (sbatch, squeue, sacct, scontrol).
+export SLURM_CONF=$dir/slurm.conf
+export PATH=\$PATH:/usr/sbin:/usr/bin:/sbin:/bin
+EOF
+  log "cluster up in $((SECONDS - t0)) s: $dir (node $host, $cpus CPUs, ${mem_mb} MB)"
+}
+
+# TERM the processes in pid files "$@" together (each takes ~2 s to exit; a throwaway cluster need not shut down
+# in order), KILL whatever is left after 20 s.
+stop_pids() {
+  local f pid pids=() end
+  for f in "$@"; do
+    pid=$(cat "$f" 2>/dev/null) || continue
+    kill "$pid" 2>/dev/null && pids+=("$pid")  # daemons remove their own pid file as they exit
+  done
+  end=$((SECONDS + 20))
+  for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null; do
+      if [ $SECONDS -ge $end ]; then log "killing $pid"; kill -9 "$pid" 2>/dev/null || true; break; fi
+      sleep 0.1
+    done
+  done
+  rm -f "$@"
+}
+
+cmd_stop() {
+  local dir=${1:?usage: stop DIR} mdir=""
+  [ -d "$dir" ] || return 0
+  dir=$(cd "$dir" && pwd)
+  export SLURM_CONF="$dir/slurm.conf"
+  # Jobs first, so no slurmstepd outlives slurmd.
+  if [ -s "$dir/run/slurmctld.pid" ] && kill -0 "$(cat "$dir/run/slurmctld.pid")" 2>/dev/null; then
+    scancel --full --user=root 2>/dev/null || true
+    wait_for 15 no_jobs || log "jobs still running at stop"
+  fi
+  [ -L "$dir/munge/dir" ] && mdir=$(readlink "$dir/munge/dir")
+  stop_pids "$dir"/run/{slurmd,slurmctld,slurmdbd,mysqld}.pid ${mdir:+"$mdir/munged.pid"}
+  [ -z "$mdir" ] || rm -rf "$mdir" "$dir/munge/dir"
+  log "stopped $dir"
+}
+
+case "${1:-}" in
+  install) cmd_install ;;
+  start) cmd_start "${2:-}" ;;
+  stop) cmd_stop "${2:-}" ;;
+  *) echo "usage: $0 install | start DIR | stop DIR" >&2; exit 2 ;;
+esac

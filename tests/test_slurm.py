@@ -1,0 +1,119 @@
+"""`selfplay submit` and Hydra's submitit launcher against a real single-node SLURM cluster (slurmctld, slurmd and
+slurmdbd started by tests/slurm_harness.py): the submitted run equals a local run, a cancelled array task is the only
+thing a re-submission reruns, and a sweep runs as SLURM jobs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import run_cli, tiny_overrides
+from safetensors.torch import load_file
+from slurm_harness import slurm_cluster  # noqa: F401  (the session fixture)
+
+pytestmark = pytest.mark.slurm
+
+# Two jobs side by side on the 2-core node: one core and a little memory each.
+SMALL_JOBS = [f"launcher.{kind}.{key}={value}" for kind in ("generate", "score", "margin", "light", "train")
+              for key, value in (("cpus_per_task", 1), ("mem", "3G"), ("time", "00:20:00"))]
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, tiny_policy) -> Path:
+    """The reference: the same 2-round config run by `selfplay run` in one process."""
+    root = tmp_path_factory.mktemp("local")
+    out = run_cli("run", *tiny_overrides(root, tiny_policy, None, "local"), "sampler.batch_size=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "local"
+
+
+def submitted_jobs(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "slurm" / "jobs.json").read_text())["jobs"]
+
+
+def submit(cluster, *overrides: str) -> subprocess.CompletedProcess:
+    out = run_cli("submit", *overrides, env=cluster.env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def assert_same_round(run_dir: Path, reference: Path, r: int) -> None:
+    rdir, ref = run_dir / f"round_{r:02d}", reference / f"round_{r:02d}"
+    pd.testing.assert_frame_equal(pd.read_parquet(rdir / "selected.parquet"), pd.read_parquet(ref / "selected.parquet"),
+                                  check_exact=True)
+    ours, theirs = load_file(rdir / "policy" / "model.safetensors"), load_file(ref / "policy" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+
+
+def test_submitted_run_completes_and_equals_the_local_run(slurm_cluster, tmp_path, tiny_policy, local_run):  # noqa: F811
+    overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "slurm"), "sampler.batch_size=2", *SMALL_JOBS,
+                 "launcher.generate.shards=2", "launcher.score.shards=2", "launcher.margin.shards=2"]
+    submit(slurm_cluster, *overrides)
+    run_dir = tmp_path / "slurm"
+    jobs = submitted_jobs(run_dir)
+    ids = [job["id"] for job in jobs]
+    slurm_cluster.wait(ids, timeout=900)
+    states = slurm_cluster.states(ids)
+    arrays = [job for job in jobs if job["array"]]
+    assert len(arrays) == 6  # generate, score and margin of 2 rounds
+    expected = {f"{job['id']}_{task}" for job in arrays for task in (0, 1)} | {job["id"] for job in jobs
+                                                                                if not job["array"]}
+    assert states == dict.fromkeys(expected, "COMPLETED"), states
+    for r in (0, 1):
+        assert_same_round(run_dir, local_run, r)
+    assert (run_dir / "report.md").exists()
+    status = run_cli("status", str(run_dir), "--json")
+    assert json.loads(status.stdout)["missing"] == []
+
+
+def test_a_cancelled_array_task_is_all_a_resubmission_reruns(slurm_cluster, tmp_path, tiny_policy, local_run):  # noqa: F811
+    overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "cancel"), "rounds=1", "sampler.batch_size=2",
+                 *SMALL_JOBS, "launcher.generate.shards=2"]
+    submit(slurm_cluster, *overrides)
+    run_dir = tmp_path / "cancel"
+    first = submitted_jobs(run_dir)
+    generate = next(job["id"] for job in first if job["name"] == "r00-generate")
+    task = f"{generate}_1"
+    deadline = time.monotonic() + 300
+    while dict(slurm_cluster._listed({generate})).get(task) != "RUNNING":  # cancel it mid-run
+        assert time.monotonic() < deadline, "array task 1 never started"
+        time.sleep(0.1)
+    subprocess.run(["scancel", task], env=slurm_cluster.env, check=True)
+    ids = [job["id"] for job in first]
+    slurm_cluster.wait(ids, timeout=600)
+    states = slurm_cluster.states(ids)
+    assert states[f"{generate}_0"] == "COMPLETED" and states[task] == "CANCELLED"
+    after = [job["id"] for job in first[first.index(next(j for j in first if j["id"] == generate)) + 1:]]
+    assert all(states[i] == "CANCELLED" for i in after), states  # the rest of the chain went with it
+    shard_dir = run_dir / "round_00" / "shards" / "generate"
+    kept = (shard_dir / "part-00000-of-00002.done.json").read_text()
+    assert not (shard_dir / "part-00001-of-00002.done.json").exists()
+
+    again = submit(slurm_cluster, *overrides)
+    second = submitted_jobs(run_dir)
+    assert second[0]["name"] == "r00-generate" and second[0]["array"] == "1", again.stdout  # only the cancelled shard
+    ids = [job["id"] for job in second]
+    slurm_cluster.wait(ids, timeout=600)
+    states = slurm_cluster.states(ids)
+    assert states == dict.fromkeys([f"{second[0]['id']}_1", *ids[1:]], "COMPLETED"), states
+    assert (shard_dir / "part-00000-of-00002.done.json").read_text() == kept  # shard 0 was not run again
+    assert_same_round(run_dir, local_run, 0)
+
+
+def test_hydra_sweep_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_policy):  # noqa: F811
+    overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "sweep"), "rounds=1"]
+    out = run_cli("run", "-m", "selection.metric=map,random", "hydra/launcher=submitit_slurm",
+                  "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3", "hydra.launcher.timeout_min=20",
+                  *overrides, env=slurm_cluster.env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dirs = sorted(p.parent.parent for p in (tmp_path / "sweep").rglob("round_00/eval.done.json"))
+    assert len(run_dirs) == 2 and {"map", "random"} == {
+        json.loads((d / "round_00" / "select.done.json").read_text())["config"]["selection"]["metric"] for d in run_dirs}
+    # submitit sends the sweep as one array job, a task per run.
+    job_ids = sorted({p.name for p in (tmp_path / "sweep" / ".submitit").iterdir() if p.name.isdigit()})
+    states = slurm_cluster.states(job_ids)
+    assert len(job_ids) == 1 and states == {f"{job_ids[0]}_0": "COMPLETED", f"{job_ids[0]}_1": "COMPLETED"}, states

@@ -1,0 +1,118 @@
+"""`selfplay submit --dry-run`: the job scripts and chain it writes, what it refuses, what it leaves out on resume.
+
+The real submission to a real SLURM cluster is tests/test_slurm.py; these need no cluster."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, tiny_overrides
+
+from selfplay import pipeline
+from selfplay.slurm import compose
+
+
+def scripts_of(dry_run_stdout: str) -> dict[str, str]:
+    """{script name: text} from the dry-run listing."""
+    parts = re.split(r"^# ---- (.+) ----$", dry_run_stdout, flags=re.M)
+    return {Path(name).name: text.strip() + "\n" for name, text in zip(parts[1::2], parts[2::2], strict=True)
+            if name.endswith(".sbatch")}
+
+
+def test_dry_run_prints_a_readable_chain_and_submits_nothing(tmp_path):
+    out = run_cli("submit", "--dry-run", f"output_root={tmp_path}", "run_name=demo", "rounds=2",
+                  "launcher.partition=gpu", "launcher.account=proj", "launcher.generate.shards=4",
+                  "launcher.generate.gpus_per_node=1", "launcher.margin.shards=2", "launcher.train.gpus_per_node=8",
+                  "launcher.train.nodes=1", "launcher.generate.nodes=2", "sampler=vllm")
+    assert out.returncode == 0, out.stderr[-2000:]
+    scripts = scripts_of(out.stdout)
+    assert list(scripts) == ["r00-prompts.sbatch", "r00-generate.sbatch", "r00-generate-merge-to-pair.sbatch",
+                             "r00-margin.sbatch", "r00-margin-merge-to-r01-prompts.sbatch", "r01-generate.sbatch",
+                             "r01-generate-merge-to-pair.sbatch", "r01-margin.sbatch",
+                             "r01-margin-merge-to-eval.sbatch"]
+    generate = scripts["r00-generate.sbatch"]
+    for line in ("#SBATCH --array=0-3", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=1", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=proj", "#SBATCH --kill-on-invalid-dep=yes",
+                 'stage generate round=0 shard="$SLURM_ARRAY_TASK_ID" num_shards=4 "${overrides[@]}"',
+                 "ray_cluster.sh"):  # two nodes: a Ray cluster across them for the engines
+        assert line in generate, line
+    train = scripts["r00-margin-merge-to-r01-prompts.sbatch"]
+    assert "#SBATCH --gpus-per-node=8" in train and "stage margin,select,train,eval round=0" in train
+    assert "stage prompts round=1" in train
+    assert "-m selfplay.cli report" in scripts["r01-margin-merge-to-eval.sbatch"]  # the report, as `run` writes it
+    chain = [line for line in out.stdout.splitlines() if line.startswith("j")]
+    assert len(chain) == 9 and "--dependency=afterok:$j1 " in chain[1]
+    for name, text in scripts.items():  # every script is valid bash
+        check = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+        assert check.returncode == 0, (name, check.stderr)
+    assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("force=[train]", "force= cannot be submitted"),
+        ("round=1", "round= cannot be submitted"),
+        ("-m", "is not supported"),
+        ("hydra/launcher=submitit_slurm", "is a sweep option"),
+        ("prompts.source=a\nb", "control character"),
+        ("launcher.partition='gpu --wrap=x'", "launcher.partition: 'gpu --wrap=x' is not a plain SLURM name"),
+        ("launcher.sbatch_options=['--mem=1G\nrm']", "launcher.sbatch_options"),
+        ("launcher.train.shards=2", "launcher.train.shards: only generate, score and margin are sharded"),
+        ("launcher.generate.time='1:00 ; x'", "launcher.generate.time"),
+        ("launcher.nodes=2", "launcher.nodes"),  # a typo: not a key
+    ],
+)
+def test_submit_refuses_what_it_cannot_pass_safely(tmp_path, override, message):
+    out = run_cli("submit", "--dry-run", f"output_root={tmp_path}", override)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-1500:]
+    assert "Traceback" not in out.stderr
+
+
+def test_overrides_reach_the_job_as_typed_and_nothing_runs_in_the_shell(tmp_path):
+    """The rendered script run by bash, with a stand-in python that prints its arguments (a mock of the
+    interpreter in a test of the script rendering): hostile values arrive intact and execute nothing."""
+    canary = tmp_path / "pwned"
+    hostile = [f"prompts.source='$(touch {canary})'", f"run_name='x; touch {canary}'", "reward.function='a`id`:b'",
+               """prompts.column="it's $HOME" """.strip()]
+    out = run_cli("submit", "--dry-run", f"output_root={tmp_path}", "launcher.generate.shards=1", *hostile)
+    # A quoted run_name may hold spaces and ';' for Hydra, but not in a path on an #SBATCH line: refused.
+    assert out.returncode == 2 and "cannot hold it safely" in out.stderr
+    out = run_cli("submit", "--dry-run", f"output_root={tmp_path}", "rounds=1", "launcher.generate.shards=1", *hostile[:1],
+                  *hostile[2:])
+    assert out.returncode == 0, out.stderr[-2000:]
+    script = scripts_of(out.stdout)["r00-prompts-to-eval.sbatch"]
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/bin/bash\nprintf "%s\\n" "$@" >> "$ARGS_OUT"\n')
+    fake_python.chmod(fake_python.stat().st_mode | stat.S_IEXEC)
+    script = script.replace("export SELFPLAY_PYTHON=", f"export SELFPLAY_PYTHON={fake_python} #")
+    args_out = tmp_path / "args.txt"
+    ran = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "ARGS_OUT": str(args_out)})
+    assert ran.returncode == 0, ran.stderr
+    received = args_out.read_text().splitlines()
+    assert hostile[0] in received and hostile[2] in received and hostile[3] in received
+    assert not canary.exists()
+
+
+def test_resubmission_leaves_out_what_is_complete_and_retries_only_missing_shards(tmp_path, tiny_policy):
+    overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "resume"), "sampler.batch_size=2"]
+    cfg = compose([*overrides, "launcher.generate.shards=3"])
+    run_dir = tmp_path / "resume"
+    pipeline.run_stage(cfg, run_dir, "prompts", 0)
+    pipeline.run_stage(cfg, run_dir, "generate", 0, set(), 0, 3)
+    pipeline.run_stage(cfg, run_dir, "generate", 0, set(), 2, 3)
+    out = run_cli("submit", "--dry-run", *overrides, "launcher.generate.shards=3")
+    assert out.returncode == 0, out.stderr[-2000:]
+    scripts = scripts_of(out.stdout)
+    assert next(iter(scripts)) == "r00-generate.sbatch"  # prompts is complete: no job for it
+    assert "#SBATCH --array=1\n" in scripts["r00-generate.sbatch"]
+    assert "#SBATCH --array=0-2\n" in scripts["r01-generate.sbatch"]  # later rounds: every shard
+    # A finished stage asked for with another config is refused at submit time, not in a job hours later.
+    changed = run_cli("submit", "--dry-run", *overrides, "launcher.generate.shards=3", "prompts.per_round=5")
+    assert changed.returncode == 2 and "round_00/prompts already finished with a different config" in changed.stderr
