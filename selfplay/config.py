@@ -204,6 +204,8 @@ class LauncherConfig:
     setup: list[str] = field(default_factory=list)
     # Python that runs selfplay in the jobs; null: the interpreter running `selfplay submit`.
     python: str | None = None
+    # Directory the jobs run in (relative paths in overrides resolve from here); null: where `submit` runs.
+    workdir: str | None = None
     # More sbatch options for every job, each one option such as "--constraint=h100" or "--exclusive".
     sbatch_options: list[str] = field(default_factory=list)
     # Per kind of job: array tasks of the sharded stages, and the jobs that merge/pair/select (light) and train

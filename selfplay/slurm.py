@@ -260,7 +260,7 @@ def submit(argv: list[str], out: Any = sys.stdout) -> int:
     check_overrides(overrides)
     cfg = compose(overrides)
     run_dir = (Path(cfg.output_root) / cfg.run_name).resolve()
-    workdir = Path.cwd()
+    workdir = Path(cfg.launcher.workdir).absolute() if cfg.launcher.workdir else Path.cwd()
     python = str(Path(cfg.launcher.python or sys.executable).absolute())
     for path, what in ((run_dir, "run directory"), (workdir, "working directory")):
         _check_path(path, what)

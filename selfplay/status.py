@@ -12,6 +12,7 @@ from typing import Any
 
 from .config import STAGES
 from .manifest import outputs_present, read_manifest
+from .shards import SHARDED_STAGES, read_shard_manifests
 
 # The stat that counts a stage's output rows.
 ROWS_STAT = {"prompts": "rows", "generate": "responses", "score": "responses", "pair": "pairs", "margin": "pairs",
@@ -32,6 +33,11 @@ def run_status(run_dir: Path, rounds: int | None = None) -> dict[str, Any]:
                 # a temp dir means the stage started and has not finished: running now, or killed
                 state = "running" if (rdir / f".tmp-{stage}").exists() else "missing"
                 row["stages"][stage] = {"state": state}
+                # shards on disk (SLURM array tasks that finished): the count of the largest set
+                found = read_shard_manifests(rdir, stage) if stage in SHARDED_STAGES else {}
+                if found:
+                    n = max(found, key=lambda k: len(found[k]))
+                    row["stages"][stage].update(state="running", shards_done=len(found[n]), num_shards=n)
             else:
                 row["stages"][stage] = {
                     "state": "done" if outputs_present(rdir, m) else "damaged",
@@ -55,6 +61,8 @@ def format_status(status: dict[str, Any]) -> str:
             if st["state"] == "done":
                 rows = "" if st["rows"] is None else f"{st['rows']}r "
                 cells.append(f"✓ {rows}{st['seconds']:.0f}s")
+            elif "num_shards" in st:
+                cells.append(f"… {st['shards_done']}/{st['num_shards']} shards")
             else:
                 cells.append(mark[st["state"]])
         lines.append(f"{row['round']:<6}" + "".join(f"{c:>{width}}" for c in cells))

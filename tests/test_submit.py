@@ -113,6 +113,21 @@ def test_resubmission_leaves_out_what_is_complete_and_retries_only_missing_shard
     assert next(iter(scripts)) == "r00-generate.sbatch"  # prompts is complete: no job for it
     assert "#SBATCH --array=1\n" in scripts["r00-generate.sbatch"]
     assert "#SBATCH --array=0-2\n" in scripts["r01-generate.sbatch"]  # later rounds: every shard
+    assert "… 2/3 shards" in run_cli("status", str(run_dir)).stdout
     # A finished stage asked for with another config is refused at submit time, not in a job hours later.
     changed = run_cli("submit", "--dry-run", *overrides, "launcher.generate.shards=3", "prompts.per_round=5")
     assert changed.returncode == 2 and "round_00/prompts already finished with a different config" in changed.stderr
+
+
+def test_the_committed_multinode_example_is_what_submit_prints():
+    """slurm/examples/llama8b_2node_dry_run.txt (linked from the README) stays true: its first line is the command."""
+    import shlex
+
+    from conftest import ROOT
+
+    example = (ROOT / "slurm" / "examples" / "llama8b_2node_dry_run.txt").read_text()
+    command = shlex.split(example.splitlines()[0].removeprefix("# selfplay "))
+    out = run_cli(*command)
+    assert out.returncode == 0, out.stderr[-2000:]
+    body = example.split("\n\n", 1)[1]
+    assert out.stdout == body
