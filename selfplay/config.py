@@ -154,6 +154,22 @@ class TrainerConfig:
     reuse_reference_logps: bool = True
     # Train in bf16 autocast (GPU).
     bf16: bool = False
+    # none (one process) | ddp | fsdp | deepspeed_zero3: through `accelerate launch` with conf/distributed/<name>.yaml,
+    # over every GPU of the node(s) (selfplay/distributed.py). trainer.batch_size stays per process.
+    distributed: str = "none"
+    # Processes per node for distributed training; null: one per visible GPU.
+    num_processes: int | None = None
+    # Recompute activations in the backward pass (less memory, ~30% more compute).
+    gradient_checkpointing: bool = False
+    # none | lora: train LoRA adapters (peft), merged into the saved policy so the next round loads a plain model.
+    peft: str = "none"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    # Module names to adapt, or "all-linear".
+    lora_target_modules: Any = "all-linear"
+    # Refuse to start when the estimated peak memory per device exceeds the device (selfplay/distributed.py).
+    memory_check: bool = True
 
 
 @dataclass
@@ -262,6 +278,7 @@ REWARD_BACKENDS = ("function", "hf_classifier", "vllm")
 MARGIN_BACKENDS = ("hf", "vllm")
 SELECTION_METRICS = ("map", "explicit", "implicit", "random", "all")
 OBJECTIVES = ("dpo", "simpo")
+DISTRIBUTED = ("none", "ddp", "fsdp", "deepspeed_zero3")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 LOGGERS = ("none", "tensorboard", "wandb")
 
@@ -327,6 +344,13 @@ def validate(cfg: Any) -> None:
     _require(t.epochs >= 1, "trainer.epochs", f"must be ≥ 1, got {t.epochs}")
     _require(t.batch_size >= 1, "trainer.batch_size", f"must be ≥ 1, got {t.batch_size}")
     _require(t.max_length >= 16, "trainer.max_length", f"must be ≥ 16, got {t.max_length}")
+    _require(t.distributed in DISTRIBUTED, "trainer.distributed", f"must be one of {DISTRIBUTED}, got {t.distributed!r}")
+    if t.num_processes is not None:
+        _require(t.num_processes >= 1, "trainer.num_processes", f"must be ≥ 1, got {t.num_processes}")
+    _require(t.peft in ("none", "lora"), "trainer.peft", f"must be none or lora, got {t.peft!r}")
+    if t.peft == "lora":
+        _require(t.lora_r >= 1, "trainer.lora_r", f"must be ≥ 1, got {t.lora_r}")
+        _require(t.lora_alpha > 0, "trainer.lora_alpha", f"must be > 0, got {t.lora_alpha}")
     if t.objective == "simpo" and cfg.model.reference:
         raise ConfigError("trainer.objective: simpo is reference-free; unset model.reference or use trainer=dpo")
     e = cfg.eval

@@ -197,7 +197,14 @@ def render(job: Job, cfg: Any, run_dir: Path, overrides: list[str], python: str,
     lines += ["", "set -euo pipefail", *launcher.setup, f"export SELFPLAY_PYTHON={shlex.quote(python)}"]
     words = [f"run_name={cfg.run_name}", f"output_root={run_dir.parent}", "hydra.output_subdir=null", *overrides]
     lines.append("overrides=(\n" + "".join(f"  {shlex.quote(w)}\n" for w in words) + ")")
-    if res.nodes > 1:
+    if job.kind == "train" and cfg.trainer.distributed != "none":
+        per_node = cfg.trainer.num_processes or res.gpus_per_node or 1
+        lines.insert(lines.index("set -euo pipefail"), (
+            f"# train: trainer.distributed={cfg.trainer.distributed} starts `accelerate launch` with "
+            f"{res.nodes * per_node} processes ({res.nodes} node(s) × {per_node})"
+            + (", one launcher per node through `srun --nodes "
+               f"{res.nodes} --ntasks-per-node 1`, main address the job's first node" if res.nodes > 1 else "")))
+    if res.nodes > 1 and job.kind in shards.SHARDED_STAGES:
         # Several nodes: a Ray cluster across them, joined by the stage's vLLM engines.
         lines.append(f"source {shlex.quote(str(run_dir / 'slurm' / 'ray_cluster.sh'))}")
         lines.append('overrides+=("ray.address=\'$RAY_ADDRESS\'")')
@@ -289,7 +296,7 @@ def submit(argv: list[str], out: Any = sys.stdout) -> int:
         raise SelfplayError(f"selfplay submit: jobs of this run are still in the queue: {', '.join(active)}; "
                             "wait for them or scancel them, then submit again")
     (run_slurm / "logs").mkdir(parents=True, exist_ok=True)
-    if any(cfg.launcher[job.kind].nodes > 1 for job in jobs):
+    if any(cfg.launcher[job.kind].nodes > 1 and job.kind in shards.SHARDED_STAGES for job in jobs):
         shutil.copy2(slurm_dir() / "ray_cluster.sh", run_slurm / "ray_cluster.sh")
     submitted, previous = [], None
     for job, (path, text) in zip(jobs, scripts, strict=True):

@@ -43,6 +43,14 @@ def tiny_policy(tmp_path_factory, smol_tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vllm_policy(tmp_path_factory, smol_tokenizer) -> Path:
+    """vLLM's CPU attention needs head_dim ≥ 32: the tiny Llama with hidden 128 (4 heads of 32)."""
+    from selfplay.testing import make_policy
+
+    return make_policy(smol_tokenizer, tmp_path_factory.mktemp("vllm-policy"), hidden=128)
+
+
+@pytest.fixture(scope="session")
 def tiny_reward_model(tmp_path_factory, smol_tokenizer) -> Path:
     from selfplay.testing import make_reward_model
 

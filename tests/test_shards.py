@@ -35,8 +35,8 @@ def frames(run_dir: Path, r: int = 0) -> dict[str, pd.DataFrame]:
 @pytest.mark.parametrize("reward", ["hf_classifier", "function"])
 def test_sharded_stages_equal_the_single_process_run(tmp_path, tiny_policy, tiny_reward_model, reward):
     rm = tiny_reward_model if reward == "hf_classifier" else None
-    # Small batches so that every stage has several units of work to split: 6 prompts in 3 generate batches.
-    extra = ["rounds=1", "sampler.batch_size=2", "reward.batch_size=4", "margin.batch_size=4"]
+    # Small batches so that every stage has several units of work to split: 12 prompts in 3 generate windows of 4.
+    extra = ["rounds=1", "prompts.per_round=12", "sampler.batch_size=1", "reward.batch_size=4", "margin.batch_size=4"]
     local = run_cli("run", *tiny_overrides(tmp_path, tiny_policy, rm, "local"), *extra)
     assert local.returncode == 0, local.stderr[-3000:]
 
@@ -55,14 +55,14 @@ def test_sharded_stages_equal_the_single_process_run(tmp_path, tiny_policy, tiny
         stage("generate", i, 3)
     assert sorted(read_shard_manifests(run_dir / "round_00", "generate")[3]) == [0, 1, 2]
     merged = stage("generate")
-    assert merged["stats"]["shards"] == 3 and merged["stats"]["responses"] == 6 * 3
+    assert merged["stats"]["shards"] == 3 and merged["stats"]["responses"] == 12 * 3
     assert len(list((run_dir / "round_00" / "generations").glob("part-*.parquet"))) == 3
     stage("score", 0, 2)  # shard 1 of 2 is never run as a shard: the merge computes it in-process
     assert stage("score")["stats"]["shards"] == 2
     stage("pair")
-    for i in range(4):  # more shards than margin batches: some shards are empty
-        stage("margin", i, 4)
-    assert stage("margin")["stats"]["shards"] == 4
+    for i in range(7):  # more shards than margin batches: some shards are empty
+        stage("margin", i, 7)
+    assert stage("margin")["stats"]["shards"] == 7
     for name in ("select", "train", "eval"):
         stage(name)
 

@@ -26,14 +26,6 @@ N = 3
 
 
 @pytest.fixture(scope="session")
-def vllm_policy(tmp_path_factory, smol_tokenizer):
-    """vLLM's CPU attention needs head_dim ≥ 32: the tiny Llama with hidden 128 (4 heads of 32)."""
-    from selfplay.testing import make_policy
-
-    return make_policy(smol_tokenizer, tmp_path_factory.mktemp("vllm-policy"), hidden=128)
-
-
-@pytest.fixture(scope="session")
 def vllm_reward_model(tmp_path_factory, smol_tokenizer):
     from selfplay.testing import make_reward_model
 

@@ -41,6 +41,9 @@ class SamplingSpec:
     batch_size: int = 16
     # Global index of the first batch (a shard starts mid-list): the hf backend seeds each batch by its index.
     first_batch: int = 0
+    # hf: sort prompts by length within consecutive windows of this many prompts (a multiple of batch_size) before
+    # batching; 0 sorts the whole list. A window is then a unit of work a shard can take whole.
+    sort_window: int = 0
 
 
 def build_sampler(cfg: Any, model_path: Any, device: Any) -> Any:

@@ -27,6 +27,10 @@ CONFIG = ("model.dtype", "model.trust_remote_code", "seed", "sampler.backend", "
           "sampler.max_model_len", "sampler.max_num_batched_tokens", "sampler.overlong_prompts")
 
 
+# The unit of work a shard takes: windows of this many batches, length-sorted inside (hf), in file order.
+SORT_WINDOW_BATCHES = 4
+
+
 def requires(r: int) -> list[tuple[int, str]]:
     return [(r, "prompts")] + ([(r - 1, "train")] if r > 0 else [])
 
@@ -48,15 +52,18 @@ def completions_frame(prompts: pd.DataFrame, completions: list) -> pd.DataFrame:
 
 
 def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
-    """The completions of this shard's chunks of `sampler.batch_size` prompts (the unit of work of both backends)."""
+    """The completions of this shard's windows of SORT_WINDOW_BATCHES × `sampler.batch_size` prompts (hf sorts by
+    length inside a window; vllm runs chunks of `batch_size` prompts), so any shard count gives the same batches."""
     cfg = ctx.cfg
     s = cfg.sampler
     prompts = ctx.read_parquet("prompts.parquet")
-    lo, hi = shard_span(len(prompts), s.batch_size, shard, num_shards)
+    window = s.batch_size * SORT_WINDOW_BATCHES
+    lo, hi = shard_span(len(prompts), window, shard, num_shards)
     prompts = prompts.iloc[lo:hi].reset_index(drop=True)
     sampler = build_sampler(cfg, ctx.policy_path(), ctx.device)
     spec = SamplingSpec(n=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                        seed=round_seed(cfg.seed, ctx.round), batch_size=s.batch_size, first_batch=lo // s.batch_size)
+                        seed=round_seed(cfg.seed, ctx.round), batch_size=s.batch_size, first_batch=lo // s.batch_size,
+                        sort_window=window)
     label = f"round {ctx.round} generate" + (f" {shard}/{num_shards}" if num_shards > 1 else "")
     completions = sampler.generate(list(prompts["prompt"]), spec, desc=label,
                                    keys=[str(k) for k in prompts["prompt_id"]])

@@ -8,17 +8,26 @@ Objectives (trainer.objective):
   simpo  TRL's CPOTrainer with loss_type=simpo, cpo_alpha=0 (reference-free, length-normalised, margin γ).
 Logging: logger=tensorboard|wandb passes the trainer's own metrics (loss, rewards, margins per step) through TRL's
          report_to into the run's tracker (selfplay/tracking.py); logger=none reports nowhere.
+Scale:   trainer.distributed=ddp|fsdp|deepspeed_zero3 runs it through `accelerate launch` on every GPU of the
+         node(s), trainer.peft=lora trains adapters merged into the saved policy, and the estimated peak memory per
+         device is printed (and checked) first — see selfplay/distributed.py.
 Alone:   selfplay stage train round=R
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+from contextlib import nullcontext
+from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
 from ..chat import template_sha256
+from ..distributed import lora_config, plan_memory, run_distributed, topology
 from ..errors import NoPairsError
 from ..modeling import load_causal_lm, load_tokenizer, torch_device
 from ..tracking import trainer_report_to
@@ -60,6 +69,7 @@ def common_args(cfg, output_dir: str, report_to: str | list[str] = "none") -> di
         output_dir=output_dir,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
         num_train_epochs=t.epochs,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
@@ -85,12 +95,14 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
                "rejected": selected["rejected"].tolist()}
     from datasets import Dataset
 
+    peft = lora_config(cfg) if t.peft == "lora" else None
     if t.objective == "simpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         args = CPOConfig(**common_args(cfg, output_dir, report_to), loss_type="simpo", cpo_alpha=0.0,
                          simpo_gamma=t.gamma)
-        return CPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), processing_class=tokenizer)
+        return CPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), processing_class=tokenizer,
+                          peft_config=peft)
 
     from trl import DPOConfig
 
@@ -105,7 +117,58 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
                                    cfg.model.trust_remote_code)
     args = DPOConfig(**common_args(cfg, output_dir, report_to), precompute_ref_log_probs=reuse)
     return _dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(columns),
-                                processing_class=tokenizer)
+                                processing_class=tokenizer, peft_config=peft)
+
+
+def train_policy(cfg, run_dir: Path, r: int, out: Path) -> dict | None:
+    """Train π_{r+1} from π_r on round r's selected pairs into out/policy; returns the stats on the main process
+    (None on the other ranks of a distributed run). The single-process stage and every distributed rank run this."""
+    from ..pipeline import StageContext
+
+    ctx = StageContext(cfg=cfg, run_dir=run_dir, round=r, out=out)
+    selected = ctx.read_parquet("selected.parquet")
+    policy = ctx.policy_path()
+    tokenizer = load_tokenizer(policy, cfg.model.trust_remote_code)
+    # Under accelerate the Trainer places the model on its rank's device itself.
+    device = "cpu" if cfg.trainer.distributed != "none" else ctx.device
+    model = load_causal_lm(policy, cfg.model.dtype, device, cfg.model.trust_remote_code)
+    model.train()
+    # Logging observes training and changes nothing in it: the same weights with any logger. Only the main rank
+    # of a distributed run reports (and prepares the log directory).
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with trainer_report_to(cfg, run_dir, r) if main_rank else nullcontext("none") as report_to:
+        trainer = build_trainer(cfg, model, tokenizer, selected, str(out / "trainer"), report_to)
+        result = trainer.train()
+    if cfg.trainer.peft == "lora":
+        trainer.save_model(str(out / "adapter"))  # every rank takes part (sharded strategies gather the adapter)
+    else:
+        trainer.model.config.use_cache = True  # the Trainer turns the KV cache off; the next round samples with it
+        trainer.save_model(str(out / "policy"))
+    if not trainer.is_world_process_zero():
+        return None
+    if cfg.trainer.peft == "lora":
+        merge_adapter(policy, out / "adapter", out / "policy", cfg)
+    tokenizer.save_pretrained(str(out / "policy"))
+    # The Trainer also pickles its arguments there; the next round never unpickles anything, so leave it out.
+    (out / "policy" / "training_args.bin").unlink(missing_ok=True)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    world = trainer.args.world_size
+    per_step = cfg.trainer.batch_size * cfg.trainer.gradient_accumulation_steps * world
+    return dict(pairs=len(selected), steps=trainer.state.global_step, steps_per_epoch=math.ceil(len(selected) / per_step),
+                first_loss=round(losses[0], 5) if losses else None, final_loss=round(losses[-1], 5) if losses else None,
+                train_seconds=round(result.metrics.get("train_runtime", 0.0), 2), objective=cfg.trainer.objective,
+                distributed=cfg.trainer.distributed, world_size=world, peft=cfg.trainer.peft,
+                chat_template_sha256=template_sha256(tokenizer))
+
+
+def merge_adapter(base: Path, adapter: Path, target: Path, cfg) -> None:
+    """Base weights + LoRA adapter → one plain model (safetensors) that transformers and vLLM load as-is."""
+    from peft import PeftModel
+
+    model = load_causal_lm(base, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(str(target), safe_serialization=True)
 
 
 def run(ctx) -> None:
@@ -117,23 +180,17 @@ def run(ctx) -> None:
             f"round_{ctx.round:02d}/pair.done.json). Raise sampler.n or sampler.temperature, add prompts "
             f"(prompts.per_round), or check that the reward separates responses."
         )
-    policy = ctx.policy_path()
-    tokenizer = load_tokenizer(policy, cfg.model.trust_remote_code)
-    model = load_causal_lm(policy, cfg.model.dtype, ctx.device, cfg.model.trust_remote_code)
-    model.train()
-    # Logging observes training and changes nothing in it: the same weights with any logger.
-    with trainer_report_to(cfg, ctx.run_dir, ctx.round) as report_to:
-        trainer = build_trainer(cfg, model, tokenizer, selected, str(ctx.out / "trainer"), report_to)
-        result = trainer.train()
-    trainer.model.config.use_cache = True  # the Trainer turns the KV cache off; the next round samples with it
-    trainer.save_model(str(ctx.out / "policy"))
-    tokenizer.save_pretrained(str(ctx.out / "policy"))
-    # The Trainer also pickles its arguments there; the next round never unpickles anything, so leave it out.
-    (ctx.out / "policy" / "training_args.bin").unlink(missing_ok=True)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    steps_per_epoch = math.ceil(len(selected) / (cfg.trainer.batch_size * cfg.trainer.gradient_accumulation_steps))
-    ctx.stats.update(pairs=len(selected), steps=trainer.state.global_step, steps_per_epoch=steps_per_epoch,
-                     first_loss=round(losses[0], 5) if losses else None,
-                     final_loss=round(losses[-1], 5) if losses else None,
-                     train_seconds=round(result.metrics.get("train_runtime", 0.0), 2),
-                     objective=cfg.trainer.objective, chat_template_sha256=template_sha256(tokenizer))
+    memory = plan_memory(cfg, ctx.policy_path())
+    if cfg.trainer.distributed == "none" or (cfg.trainer.distributed == "ddp" and topology(cfg).world_size == 1):
+        stats = train_policy(cfg, ctx.run_dir, ctx.round, ctx.out)  # DDP over one process is one process
+    else:
+        # The ranks read the same resolved config this process runs with.
+        config_path = ctx.out / "config.yaml"
+        config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        # The ranks' output stays beside the round (the temp dir goes when the stage fails).
+        run_distributed(cfg, [str(config_path), str(ctx.run_dir), str(ctx.round), str(ctx.out)],
+                        ctx.round_dir / "train.ranks.log")
+        stats = json.loads((ctx.out / "stats.json").read_text())
+        for scratch in ("config.yaml", "stats.json"):
+            (ctx.out / scratch).unlink()
+    ctx.stats.update(stats, memory_estimate_gib=round(memory["total"], 3))

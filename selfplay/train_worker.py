@@ -1,0 +1,35 @@
+"""One rank of a distributed train stage (started by `accelerate launch`, see selfplay/distributed.py).
+
+    python -m selfplay.train_worker CONFIG_YAML RUN_DIR ROUND OUT_DIR
+
+Every rank trains; the main rank writes OUT_DIR/policy and OUT_DIR/stats.json. A selfplay error is printed as one
+`error: …` line (the stage shows it) and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from .errors import SelfplayError
+    from .stages.train import train_policy
+
+    config_path, run_dir, r, out = Path(argv[0]), Path(argv[1]), int(argv[2]), Path(argv[3])
+    cfg = OmegaConf.load(config_path)
+    try:
+        stats = train_policy(cfg, run_dir, r, out)
+    except SelfplayError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    if stats is not None:  # the main rank
+        (out / "stats.json").write_text(json.dumps(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
