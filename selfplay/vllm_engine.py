@@ -158,7 +158,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         kwargs["address"] = address
     else:
-        kwargs.update(num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False)
+        # "local": always a new private cluster — never one a `ray start` (or a killed job's) left on this machine.
+        kwargs.update(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False)
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:

@@ -27,6 +27,9 @@ export RAY_worker_niceness=0
 cpus=${SLURM_CPUS_PER_TASK:-1}
 gpus=${SLURM_GPUS_ON_NODE:-0}
 
+# When the job's script ends, stop Ray on this node: a head killed with its srun step leaves its address file
+# behind (/tmp/ray/ray_current_cluster), and later drivers on the node would try to join the dead cluster.
+trap '"$ray_bin" stop --force >/dev/null 2>&1 || true' EXIT
 echo "ray_cluster.sh: head $head_node ($RAY_ADDRESS), ${#nodes[@]} node(s)"
 srun --nodes=1 --ntasks=1 -w "$head_node" --overlap \
   "$ray_bin" start --head --node-ip-address="$head_ip" --port="$port" \

@@ -1,8 +1,7 @@
 """A real single-node SLURM cluster for tests: `scripts/slurm_cluster.sh` installs and runs the daemons, this module
 drives it (submit, wait, read final states) and provides the session-scoped `slurm_cluster` fixture.
 
-Use it from a test module with `from slurm_harness import slurm_cluster  # noqa: F401` (tests/ is on sys.path, as
-for `conftest`)."""
+tests/conftest.py imports the fixture, so every test module shares one cluster per session (started on first use)."""
 
 from __future__ import annotations
 

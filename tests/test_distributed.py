@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -77,14 +78,21 @@ def test_lora_merged_policy_loads_in_vllm(tmp_path, vllm_policy):
                  "trainer.lora_r=4"]
     out = run_cli("run", *overrides)
     assert out.returncode == 0, out.stderr[-3000:]
-    cfg = compose([*overrides, "sampler=vllm", "sampler.batch_size=2"])
-    from selfplay.samplers import SamplingSpec
-    from selfplay.samplers.vllm import VLLMSampler
-
+    # In a child process: a Ray driver in the pytest process would die with any later `ray stop` (and pytest with it).
     policy = tmp_path / "lora_vllm" / "round_00" / "policy"
-    sampler = VLLMSampler(policy, "float32", torch.device("cpu"), sampler_cfg=cfg.sampler, ray_cfg=cfg.ray)
-    completions = sampler.generate(["Say hi."], SamplingSpec(n=1, max_new_tokens=4, greedy=True))
-    assert len(completions) == 1 and completions[0].n_tokens >= 1
+    code = (
+        "import sys, torch\n"
+        "from selfplay.slurm import compose\n"
+        "from selfplay.samplers import SamplingSpec\n"
+        "from selfplay.samplers.vllm import VLLMSampler\n"
+        "cfg = compose(['sampler=vllm', 'sampler.batch_size=2', 'device=cpu'])\n"
+        "sampler = VLLMSampler(sys.argv[1], 'float32', torch.device('cpu'), sampler_cfg=cfg.sampler, ray_cfg=cfg.ray)\n"
+        "out = sampler.generate(['Say hi.'], SamplingSpec(n=1, max_new_tokens=4, greedy=True))\n"
+        "print('generated', len(out), out[0].n_tokens)\n")
+    loaded = subprocess.run([sys.executable, "-c", code, str(policy)], capture_output=True, text=True, timeout=600)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    generated = loaded.stdout.split("generated")[-1].split()
+    assert generated[0] == "1" and int(generated[1]) >= 1
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_zero3", "ddp"])
@@ -127,3 +135,20 @@ def test_memory_estimate_scales_with_sharding_and_refuses_what_cannot_fit(tmp_pa
     assert out.returncode == 2, out.stderr[-2000:]
     assert "train: estimated peak" in out.stderr and "trainer.gradient_checkpointing=true" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "huge" / "round_00" / "policy").exists()
+
+
+def test_a_failing_rank_fails_the_stage_with_its_error(tmp_path, tiny_policy):
+    """Every rank fails to load a policy whose chat template was removed after the data stages: the stage exits 2
+    with that error, not a torchrun traceback, and writes no policy."""
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_policy, policy)
+    overrides = [*tiny_overrides(tmp_path, policy, None, "broken"), *DATA, "trainer.batch_size=2",
+                 "trainer.distributed=ddp", "trainer.num_processes=2"]
+    out = run_cli("stage", "prompts,generate,score,pair,margin,select", "round=0", *overrides)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (policy / "chat_template.jinja").unlink()
+    out = run_cli("stage", "train", "round=0", *overrides)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "train: a rank failed" in out.stderr and "has no chat template" in out.stderr
+    assert (tmp_path / "broken" / "round_00" / "train.ranks.log").exists()
+    assert not (tmp_path / "broken" / "round_00" / "policy").exists()

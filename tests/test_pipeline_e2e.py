@@ -97,7 +97,9 @@ def test_round_folder_loads_as_a_dataset_through_its_card(tiny_run):
     rdir = run_dir / "round_00"
     card = (rdir / "README.md").read_text()
     assert card.startswith("---\n") and "path: selected.parquet" in card
-    ds = load_dataset(str(rdir))  # datasets reads the card's configs: only the selected pairs
+    # datasets reads the card's configs: only the selected pairs. A private cache: datasets' shared cache can serve
+    # an earlier test session's round_00 for this path (seen: a stale row order).
+    ds = load_dataset(str(rdir), cache_dir=str(run_dir.parent / "hf-datasets-cache"))
     selected = pd.read_parquet(rdir / "selected.parquet")
     assert list(ds) == ["train"] and ds["train"].num_rows == len(selected)
     assert ds["train"]["prompt_id"] == selected["prompt_id"].tolist()

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 from conftest import run_cli, tiny_overrides
 from safetensors.torch import load_file
-from slurm_harness import slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slurm
 
@@ -49,7 +48,7 @@ def assert_same_round(run_dir: Path, reference: Path, r: int) -> None:
     assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
 
 
-def test_submitted_run_completes_and_equals_the_local_run(slurm_cluster, tmp_path, tiny_policy, local_run):  # noqa: F811
+def test_submitted_run_completes_and_equals_the_local_run(slurm_cluster, tmp_path, tiny_policy, local_run):
     overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "slurm"), "sampler.batch_size=1", *SMALL_JOBS,
                  "launcher.generate.shards=2", "launcher.score.shards=2", "launcher.margin.shards=2"]
     submit(slurm_cluster, *overrides)
@@ -70,7 +69,7 @@ def test_submitted_run_completes_and_equals_the_local_run(slurm_cluster, tmp_pat
     assert json.loads(status.stdout)["missing"] == []
 
 
-def test_a_cancelled_array_task_is_all_a_resubmission_reruns(slurm_cluster, tmp_path, tiny_policy, local_run):  # noqa: F811
+def test_a_cancelled_array_task_is_all_a_resubmission_reruns(slurm_cluster, tmp_path, tiny_policy, local_run):
     overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "cancel"), "rounds=1", "sampler.batch_size=1",
                  *SMALL_JOBS, "launcher.generate.shards=2"]
     submit(slurm_cluster, *overrides)
@@ -104,7 +103,7 @@ def test_a_cancelled_array_task_is_all_a_resubmission_reruns(slurm_cluster, tmp_
     assert_same_round(run_dir, local_run, 0)
 
 
-def test_hydra_sweep_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_policy):  # noqa: F811
+def test_hydra_sweep_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_policy):
     overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "sweep"), "rounds=1"]
     out = run_cli("run", "-m", "selection.metric=map,random", "hydra/launcher=submitit_slurm",
                   "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3", "hydra.launcher.timeout_min=20",
@@ -117,3 +116,27 @@ def test_hydra_sweep_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_policy):  
     job_ids = sorted({p.name for p in (tmp_path / "sweep" / ".submitit").iterdir() if p.name.isdigit()})
     states = slurm_cluster.states(job_ids)
     assert len(job_ids) == 1 and states == {f"{job_ids[0]}_0": "COMPLETED", f"{job_ids[0]}_1": "COMPLETED"}, states
+
+
+def test_ray_cluster_script_brings_up_ray_inside_an_allocation(slurm_cluster, tmp_path):
+    """slurm/ray_cluster.sh as a multi-node job sources it (here on the one node the test cluster has): the head
+    starts through srun, RAY_ADDRESS is exported, and a driver joins it."""
+    import sys
+
+    from conftest import ROOT
+
+    script = tmp_path / "ray.sbatch"
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --nodes=1\n#SBATCH --ntasks-per-node=1\n#SBATCH --cpus-per-task=1\n#SBATCH --mem=3G\n"
+        f"#SBATCH --output={tmp_path}/ray.log\nset -euo pipefail\nexport SELFPLAY_PYTHON={sys.executable}\n"
+        f"source {ROOT / 'slurm' / 'ray_cluster.sh'}\n"
+        '"$SELFPLAY_PYTHON" -c \'import os, ray; ray.init(address=os.environ["RAY_ADDRESS"]); '
+        f'print("alive", sum(n["Alive"] for n in ray.nodes()))\' > {tmp_path}/nodes.txt\n')
+    job = slurm_cluster.sbatch([str(script)])
+    slurm_cluster.wait([job], timeout=300)
+    log = (tmp_path / "ray.log").read_text() if (tmp_path / "ray.log").exists() else ""
+    assert slurm_cluster.states([job]) == {job: "COMPLETED"}, log[-2000:]
+    assert "1/1 node(s) joined" in log
+    assert (tmp_path / "nodes.txt").read_text().split() == ["alive", "1"]
+    # Ray was stopped with the job: nothing left for a later driver on this node to join by mistake.
+    assert not Path("/tmp/ray/ray_current_cluster").exists()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from slurm_harness import slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slurm
 
 
-def test_array_then_afterok_dependent(slurm_cluster, tmp_path):  # noqa: F811
+def test_array_then_afterok_dependent(slurm_cluster, tmp_path):
     array = slurm_cluster.sbatch([
         "--array=0-1", f"--chdir={tmp_path}", "--output=array_%a.log",
         "--wrap", "echo $SLURM_ARRAY_TASK_ID > task_$SLURM_ARRAY_TASK_ID.txt",
@@ -27,7 +26,7 @@ def test_array_then_afterok_dependent(slurm_cluster, tmp_path):  # noqa: F811
     }
 
 
-def test_failed_task_cancels_afterok_dependent(slurm_cluster, tmp_path):  # noqa: F811
+def test_failed_task_cancels_afterok_dependent(slurm_cluster, tmp_path):
     """Resubmission relies on this: one failed array task makes the afterok dependent's dependency unsatisfiable,
     and --kill-on-invalid-dep=yes cancels it (state CANCELLED, never started) instead of leaving it pending."""
     array = slurm_cluster.sbatch([
