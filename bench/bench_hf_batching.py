@@ -1,8 +1,8 @@
 """The hf sampler's batching, side by side in one process on the embedded default policy: prompts length-sorted
-within windows of 4 batches (what the generate stage does: a window is the unit a shard takes), sorted over the
-whole list (what eval does, and what generate did before sharding), and not sorted at all (file order).
+within windows of --window-batches batches (what the generate stage does with `sampler.sort_window_batches`, 16 by
+default: a window is the unit a shard takes), sorted over the whole list (what eval does), and not sorted at all.
 
-    .venv/bin/python bench/bench_hf_batching.py [--prompts 64] [--n 1] [--max-new-tokens 96] [--batch-size 16]
+    .venv/bin/python bench/bench_hf_batching.py [--prompts 96] [--window-batches 4] [--n 1] [--batch-size 16]
 
 Greedy by default (the eval stage's setting); --n 4 --sample for the generate stage's. Prints responses/s and
 tokens/s of both, and their ratio.
@@ -18,10 +18,11 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=96)
     ap.add_argument("--n", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--window-batches", type=int, default=4)
     ap.add_argument("--sample", action="store_true", help="sample (T 0.8, top-p 0.95) instead of greedy")
     args = ap.parse_args()
 
@@ -35,8 +36,6 @@ def main() -> None:
     sampler = HFSampler(ensure_default_policy(), "float32", torch.device("cpu"))
     prompts = [r["prompt"] for r in build_prompts(args.prompts, seed=7)]
     lengths = [len(generation_prompt_ids(sampler.tokenizer, p)) for p in prompts]
-    from selfplay.stages.generate import SORT_WINDOW_BATCHES
-
     def spec(window: int) -> SamplingSpec:
         return SamplingSpec(n=args.n, max_new_tokens=args.max_new_tokens, temperature=0.8, top_p=0.95,
                             greedy=not args.sample, seed=3, batch_size=args.batch_size, sort_window=window)
@@ -46,7 +45,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     results = {}
     windows = {"file order": args.batch_size,  # a window of one batch: nothing is reordered across batches
-               f"windows of {SORT_WINDOW_BATCHES} batches": args.batch_size * SORT_WINDOW_BATCHES,
+               f"windows of {args.window_batches} batches": args.batch_size * args.window_batches,
                "whole list sorted": 0}
     for name, window in windows.items():
         started = time.perf_counter()

@@ -63,6 +63,9 @@ class SamplerConfig:
     # Prompts per generate() call (hf), or per chunk an engine processes alone from a clean cache (vllm); each
     # prompt carries n samples. vllm: outputs do not depend on num_engines because a chunk is the unit of work.
     batch_size: int = 16
+    # hf: prompts are length-sorted within windows of this many batches (less padding); a shard of the generate
+    # stage takes whole windows, so results do not depend on the shard count. Larger: closer to a global sort.
+    sort_window_batches: int = 16
     # vllm: data-parallel engine replicas (Ray actors), each on its own devices.
     num_engines: int = 1
     # vllm: GPUs per engine (tensor parallel).
@@ -307,6 +310,7 @@ def validate(cfg: Any) -> None:
     _require(0 < s.top_p <= 1, "sampler.top_p", f"must be in (0, 1], got {s.top_p}")
     _require(s.max_new_tokens >= 1, "sampler.max_new_tokens", f"must be ≥ 1, got {s.max_new_tokens}")
     _require(s.batch_size >= 1, "sampler.batch_size", f"must be ≥ 1, got {s.batch_size}")
+    _require(s.sort_window_batches >= 1, "sampler.sort_window_batches", f"must be ≥ 1, got {s.sort_window_batches}")
     _require(s.num_engines >= 1, "sampler.num_engines", f"must be ≥ 1, got {s.num_engines}")
     _require(s.tensor_parallel_size >= 1, "sampler.tensor_parallel_size", f"must be ≥ 1, got {s.tensor_parallel_size}")
     _require(s.max_model_len > s.max_new_tokens, "sampler.max_model_len",

@@ -4,10 +4,10 @@
     selfplay stage generate round=0                          merge the 8 parts into round_00/generations/
 
 Each of these stages has a fixed *schedule* of work units that does not depend on the shard count: generate's
-windows of 4 × `sampler.batch_size` prompts in file order (length-sorted inside by the hf sampler), score's and
-margin's batches (length-sorted where the backend sorts). Shard i of n takes a contiguous range of those units
-(`shard_span`), so every unit is computed exactly as the single-process run computes it and the merged result is
-the same, bit for bit.
+windows of `sampler.sort_window_batches` × `batch_size` prompts in file order (length-sorted inside by the hf
+sampler), score's and margin's batches (length-sorted where the backend sorts). Shard i of n takes a contiguous
+range of those units (`shard_span`), so every unit is computed exactly as the single-process run computes it and
+the merged result is the same, bit for bit.
 
 A shard writes `part-0000i-of-0000n.parquet` (the values it computed, keyed by row) through a temp file and a
 rename, then its manifest `part-0000i-of-0000n.done.json` (config, inputs, checksum, stats). The stage's plain

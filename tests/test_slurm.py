@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slurm
 
+# Generate windows of 2 prompts: both shards of a 6-prompt round have work.
+SMALL_BATCHES = ["sampler.batch_size=1", "sampler.sort_window_batches=2"]
 # Two jobs side by side on the 2-core node: one core and a little memory each.
 SMALL_JOBS = [f"launcher.{kind}.{key}={value}" for kind in ("generate", "score", "margin", "light", "train")
               for key, value in (("cpus_per_task", 1), ("mem", "3G"), ("time", "00:20:00"))]
@@ -25,7 +27,7 @@ SMALL_JOBS = [f"launcher.{kind}.{key}={value}" for kind in ("generate", "score",
 def local_run(tmp_path_factory, tiny_policy) -> Path:
     """The reference: the same 2-round config run by `selfplay run` in one process."""
     root = tmp_path_factory.mktemp("local")
-    out = run_cli("run", *tiny_overrides(root, tiny_policy, None, "local"), "sampler.batch_size=1")
+    out = run_cli("run", *tiny_overrides(root, tiny_policy, None, "local"), *SMALL_BATCHES)
     assert out.returncode == 0, out.stderr[-3000:]
     return root / "local"
 
@@ -49,7 +51,7 @@ def assert_same_round(run_dir: Path, reference: Path, r: int) -> None:
 
 
 def test_submitted_run_completes_and_equals_the_local_run(slurm_cluster, tmp_path, tiny_policy, local_run):
-    overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "slurm"), "sampler.batch_size=1", *SMALL_JOBS,
+    overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "slurm"), *SMALL_BATCHES, *SMALL_JOBS,
                  "launcher.generate.shards=2", "launcher.score.shards=2", "launcher.margin.shards=2"]
     submit(slurm_cluster, *overrides)
     run_dir = tmp_path / "slurm"
@@ -70,7 +72,7 @@ def test_submitted_run_completes_and_equals_the_local_run(slurm_cluster, tmp_pat
 
 
 def test_a_cancelled_array_task_is_all_a_resubmission_reruns(slurm_cluster, tmp_path, tiny_policy, local_run):
-    overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "cancel"), "rounds=1", "sampler.batch_size=1",
+    overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "cancel"), "rounds=1", *SMALL_BATCHES,
                  *SMALL_JOBS, "launcher.generate.shards=2"]
     submit(slurm_cluster, *overrides)
     run_dir = tmp_path / "cancel"

@@ -101,7 +101,8 @@ def test_overrides_reach_the_job_as_typed_and_nothing_runs_in_the_shell(tmp_path
 
 
 def test_resubmission_leaves_out_what_is_complete_and_retries_only_missing_shards(tmp_path, tiny_policy):
-    overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "resume"), "sampler.batch_size=2"]
+    overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "resume"), "sampler.batch_size=1",
+                 "sampler.sort_window_batches=2"]
     cfg = compose([*overrides, "launcher.generate.shards=3"])
     run_dir = tmp_path / "resume"
     pipeline.run_stage(cfg, run_dir, "prompts", 0)

@@ -23,12 +23,9 @@ OUTPUTS = ("generations",)
 # each gets (sampler.num_engines, gpu_memory_utilization, cpu_kv_cache_gb, enforce_eager) — a run resumed on
 # another allocation keeps its finished rounds.
 CONFIG = ("model.dtype", "model.trust_remote_code", "seed", "sampler.backend", "sampler.n", "sampler.temperature",
-          "sampler.top_p", "sampler.max_new_tokens", "sampler.batch_size", "sampler.tensor_parallel_size",
-          "sampler.max_model_len", "sampler.max_num_batched_tokens", "sampler.overlong_prompts")
-
-
-# The unit of work a shard takes: windows of this many batches, length-sorted inside (hf), in file order.
-SORT_WINDOW_BATCHES = 4
+          "sampler.top_p", "sampler.max_new_tokens", "sampler.batch_size", "sampler.sort_window_batches",
+          "sampler.tensor_parallel_size", "sampler.max_model_len", "sampler.max_num_batched_tokens",
+          "sampler.overlong_prompts")
 
 
 def requires(r: int) -> list[tuple[int, str]]:
@@ -52,12 +49,12 @@ def completions_frame(prompts: pd.DataFrame, completions: list) -> pd.DataFrame:
 
 
 def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
-    """The completions of this shard's windows of SORT_WINDOW_BATCHES × `sampler.batch_size` prompts (hf sorts by
+    """The completions of this shard's windows of `sampler.sort_window_batches` × `batch_size` prompts (hf sorts by
     length inside a window; vllm runs chunks of `batch_size` prompts), so any shard count gives the same batches."""
     cfg = ctx.cfg
     s = cfg.sampler
     prompts = ctx.read_parquet("prompts.parquet")
-    window = s.batch_size * SORT_WINDOW_BATCHES
+    window = s.batch_size * s.sort_window_batches
     lo, hi = shard_span(len(prompts), window, shard, num_shards)
     prompts = prompts.iloc[lo:hi].reset_index(drop=True)
     sampler = build_sampler(cfg, ctx.policy_path(), ctx.device)
