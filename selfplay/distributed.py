@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def run_distributed(cfg: Any, worker_args: list[str], log_path: Path) -> None:
     if topo.nodes > 1:
         # One launcher per node; each takes its machine rank from SLURM_NODEID on its own node.
         inner = launch_command(cfg, topo, worker_args, machine_rank="$SLURM_NODEID")
-        quoted = " ".join(a if a == "$SLURM_NODEID" else _quote(a) for a in inner)
+        quoted = " ".join(a if a == "$SLURM_NODEID" else shlex.quote(a) for a in inner)
         command = ["srun", "--nodes", str(topo.nodes), "--ntasks-per-node", "1", "--overlap", "bash", "-c", quoted]
     else:
         command = launch_command(cfg, topo, worker_args)
@@ -115,12 +116,6 @@ def run_distributed(cfg: Any, worker_args: list[str], log_path: Path) -> None:
     if code != 0:
         raise SelfplayError(f"train: a rank failed (exit {code}); its error:\n{rank_error(log_path.read_text())}\n"
                             f"full log: {log_path}")
-
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)
 
 
 def rank_error(output: str, lines: int = 25) -> str:
