@@ -7,15 +7,15 @@ with the pairs kept and dropped and the MAP cut, both margins' histograms for ke
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from . import faults
 from .config import STAGES, round_seed
-from .manifest import read_manifest
+from .manifest import read_manifest, write_json_atomic
 
 PLOTS = ("card_rewards.png", "card_margins_scatter.png", "card_margin_hist.png", "card_length_bias.png")
 
@@ -170,5 +170,6 @@ def write_round_card(run_dir: Path, r: int) -> Path:
     tmp = rdir / ".card.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
-    (rdir / "card.json").write_text(json.dumps(numbers, indent=2) + "\n")
+    write_json_atomic(rdir / "card.json", numbers)
+    faults.point(faults.stage_label(rdir.name, "card", "written"))
     return path

@@ -173,6 +173,9 @@ class TrainerConfig:
     lora_target_modules: Any = "all-linear"
     # Refuse to start when the estimated peak memory per device exceeds the device (selfplay/distributed.py).
     memory_check: bool = True
+    # Save a resumable checkpoint (weights, optimizer, scheduler, RNG) every this many optimizer steps, so a kill
+    # loses at most that much training; 0 turns it off. Resuming gives the same weights as an unbroken run.
+    save_steps: int = 50
 
 
 @dataclass
@@ -299,6 +302,11 @@ def _require(ok: bool, option: str, message: str) -> None:
 def validate(cfg: Any) -> None:
     """Cross-field rules; raises ConfigError naming the option."""
     _require(cfg.rounds >= 1, "rounds", f"must be ≥ 1, got {cfg.rounds}")
+    # The run directory is output_root/run_name: a name must not lead out of output_root.
+    _require(bool(cfg.run_name) and "/" not in cfg.run_name and "\\" not in cfg.run_name
+             and cfg.run_name not in (".", "..") and not cfg.run_name.startswith("."), "run_name",
+             f"must be a plain directory name (no '/', not starting with '.'), got {cfg.run_name!r}; "
+             "set output_root to put runs elsewhere")
     _require(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {cfg.model.dtype!r}")
     _require(cfg.reward.dtype in DTYPES, "reward.dtype", f"must be one of {DTYPES}, got {cfg.reward.dtype!r}")
     _require(cfg.prompts.per_round >= 1, "prompts.per_round", f"must be ≥ 1, got {cfg.prompts.per_round}")
@@ -355,6 +363,7 @@ def validate(cfg: Any) -> None:
     if t.peft == "lora":
         _require(t.lora_r >= 1, "trainer.lora_r", f"must be ≥ 1, got {t.lora_r}")
         _require(t.lora_alpha > 0, "trainer.lora_alpha", f"must be > 0, got {t.lora_alpha}")
+    _require(t.save_steps >= 0, "trainer.save_steps", f"must be ≥ 0 (0: no checkpoints), got {t.save_steps}")
     if t.objective == "simpo" and cfg.model.reference:
         raise ConfigError("trainer.objective: simpo is reference-free; unset model.reference or use trainer=dpo")
     e = cfg.eval

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from .errors import SelfplayError
 
 MANIFEST_VERSION = 1
@@ -129,6 +130,29 @@ def outputs_present(base_dir: Path, manifest: Mapping[str, Any]) -> bool:
     return True
 
 
+_verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) → sha256, so each file is hashed once
+
+
+def verify_outputs(base_dir: Path, manifest: Mapping[str, Any], owner: str) -> None:
+    """Check every file a manifest lists against its sha256 before another stage reads it; a file changed or cut
+    short after its stage finished is refused with the stage to redo."""
+    for rel, meta in manifest["outputs"].items():
+        path = base_dir / rel
+        stat = path.stat() if path.is_file() else None
+        key = (str(path), stat.st_size, stat.st_mtime_ns) if stat else None
+        if stat is not None and stat.st_size == meta["bytes"] and key not in _verified:
+            _verified[key] = sha256_file(path)
+        if stat is None or _verified.get(key) != meta["sha256"]:
+            stage = manifest["stage"]
+            raise StageOutputDamaged(
+                f"{path} does not match {owner} ({'missing' if stat is None else 'sha256 differs'}): it changed "
+                f"after {stage} finished; redo it with force=[{stage}] (the stages after it follow)")
+
+
+class StageOutputDamaged(SelfplayError):
+    """A finished stage's output no longer matches the checksum in its manifest."""
+
+
 @dataclass
 class Decision:
     run: bool
@@ -172,6 +196,7 @@ class StageWriter:
         if self.tmp.exists():  # left over from a killed attempt: nothing in it was complete
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
+        faults.point(faults.stage_label(self.round_dir.name, self.stage, "start"))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -191,8 +216,10 @@ class StageWriter:
             elif target.exists():
                 target.unlink()
             os.replace(self.tmp / name, target)
+            faults.point(faults.stage_label(self.round_dir.name, self.stage, "renamed"))  # outputs in place, no manifest
         outputs = checksum_outputs(self.round_dir, self.outputs)
         manifest = build_manifest(self.stage, int(self.round_dir.name.split("_")[-1]), config, inputs, outputs, stats,
                                   self.started)
         write_json_atomic(manifest_path(self.round_dir, self.stage), manifest)
+        faults.point(faults.stage_label(self.round_dir.name, self.stage, "committed"))
         return manifest

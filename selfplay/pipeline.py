@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,8 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from . import checkpoints, shards
 from . import manifest as mf
-from . import shards
 from .config import STAGES
 from .errors import SelfplayError
 
@@ -46,12 +47,21 @@ def stage_outputs(module: Any, r: int) -> tuple[str, ...]:
     return tuple(module.OUTPUTS(r) if callable(module.OUTPUTS) else module.OUTPUTS)
 
 
+# Options that change how a stage works but never its result: left out of manifests, so changing them (or a run
+# begun before they existed) never refuses a resume.
+RESULT_NEUTRAL = ("trainer.save_steps",)
+
+
 def config_view(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
     """The listed (dotted) config keys, as plain values, for a stage's manifest."""
     view = {}
     for key in keys:
         value = OmegaConf.select(cfg, key)
         view[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+    for neutral in RESULT_NEUTRAL:
+        group, _, name = neutral.rpartition(".")
+        if isinstance(view.get(group), dict):
+            view[group].pop(name, None)
     return view
 
 
@@ -64,6 +74,9 @@ class StageContext:
     round: int
     out: Path
     stats: dict[str, Any] = field(default_factory=dict)
+    # Where this attempt keeps checkpoints of a long stage (generate's windows, train's steps): kept across kills,
+    # keyed by the stage's config and inputs (selfplay/checkpoints.py).
+    checkpoint_dir: Path | None = None
 
     @property
     def round_dir(self) -> Path:
@@ -95,7 +108,8 @@ class StageContext:
         return torch_device(self.cfg.device)
 
 
-def _input_fingerprints(cfg: DictConfig, run_dir: Path, stage: str, r: int) -> dict[str, str]:
+def _input_fingerprints(cfg: DictConfig, run_dir: Path, stage: str, r: int, verify: bool = False) -> dict[str, str]:
+    """The fingerprints of the upstream manifests this stage reads; with verify, their files are checked first."""
     inputs: dict[str, str] = {}
     for up_round, up_stage in stage_module(stage).requires(r):
         manifest = mf.read_manifest(round_dir(run_dir, up_round), up_stage)
@@ -104,6 +118,8 @@ def _input_fingerprints(cfg: DictConfig, run_dir: Path, stage: str, r: int) -> d
                 f"round_{r:02d}/{stage} needs round_{up_round:02d}/{up_stage}, which has not finished; "
                 f"run `selfplay stage {up_stage} round={up_round}` (or `selfplay run`) first"
             )
+        if verify:
+            mf.verify_outputs(round_dir(run_dir, up_round), manifest, f"round_{up_round:02d}/{up_stage}.done.json")
         inputs[f"round_{up_round:02d}/{up_stage}"] = manifest["fingerprint"]
     if r == 0 and stage in ("generate", "margin", "train", "eval"):
         # The base policy is an input of round 0's stages that run it; later rounds inherit it through round 0.
@@ -131,19 +147,28 @@ def run_stage(cfg: DictConfig, run_dir: Path, stage: str, r: int, forced: set[st
     decision = mf.decide(rdir, stage, config, inputs, force=force)
     if not decision.run:
         log.info("%s skipped (%s)", label, decision.reason)
+        if shard is None:  # a kill after the manifest was written can leave the attempt's scratch behind
+            shutil.rmtree(rdir / f".tmp-{stage}", ignore_errors=True)
+            checkpoints.clear(rdir, stage)
         return mf.read_manifest(rdir, stage)
+    _input_fingerprints(cfg, run_dir, stage, r, verify=True)  # what it reads is what its manifests say
     save_config(cfg, run_dir)  # the config that produces what follows; a refused run never gets here
+    if force:
+        checkpoints.clear(rdir, stage)
+    checkpoint_dir = checkpoints.attempt_dir(rdir, stage, config, inputs)
     if shard is not None:
-        return _run_shard(module, StageContext(cfg=cfg, run_dir=run_dir, round=r, out=rdir), shard, num_shards,
+        return _run_shard(module, StageContext(cfg=cfg, run_dir=run_dir, round=r, out=rdir,
+                                               checkpoint_dir=checkpoint_dir), shard, num_shards,
                           config, inputs, force, label)
     log.info("%s running (%s)", label, decision.reason)
     with mf.StageWriter(rdir, stage, stage_outputs(module, r)) as writer:
-        ctx = StageContext(cfg=cfg, run_dir=run_dir, round=r, out=writer.tmp)
+        ctx = StageContext(cfg=cfg, run_dir=run_dir, round=r, out=writer.tmp, checkpoint_dir=checkpoint_dir)
         if stage in shards.SHARDED_STAGES:
             _merge_shards(module, ctx, stage, config, inputs, force)
         else:
             module.run(ctx)
         manifest = writer.commit(config, inputs, ctx.stats)
+    checkpoints.clear(rdir, stage)  # committed: the chunks and trainer checkpoints have done their job
     log.info("%s done in %.1fs %s", label, manifest["timings"]["seconds"], _short(ctx.stats))
     return manifest
 
@@ -191,7 +216,8 @@ def _merge_shards(module: Any, ctx: StageContext, stage: str, config: dict, inpu
     for shard in range(num_shards):
         if shard not in found[num_shards]:
             log.info("round %d %s: shard %d/%d missing, computing it here", ctx.round, stage, shard, num_shards)
-            shard_ctx = StageContext(cfg=ctx.cfg, run_dir=ctx.run_dir, round=ctx.round, out=rdir)
+            shard_ctx = StageContext(cfg=ctx.cfg, run_dir=ctx.run_dir, round=ctx.round, out=rdir,
+                                     checkpoint_dir=ctx.checkpoint_dir)
             found[num_shards][shard] = _run_shard(module, shard_ctx, shard, num_shards, config, inputs, False,
                                                   f"round {ctx.round} {stage} shard {shard}/{num_shards}")
     log.info("round %d %s: merging %d shards", ctx.round, stage, num_shards)
@@ -213,6 +239,17 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
     tmp.replace(run_dir / "config.yaml")
 
 
+def remove_stale_temp_files(run_dir: Path) -> int:
+    """Delete the hidden temp files (`.name.tmp…`) that a killed process left before its rename; a whole run owns
+    its directory, so none of them belongs to a live writer. Returns how many went."""
+    stale = [p for p in run_dir.rglob(".*.tmp*") if p.is_file()] if run_dir.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temp files left by an interrupted attempt", len(stale))
+    return len(stale)
+
+
 def run_round(cfg: DictConfig, run_dir: Path, r: int, forced: set[str]) -> dict[str, dict]:
     # A redone stage changes its fingerprint, so the later stages that read it redo themselves through their inputs.
     return {stage: run_stage(cfg, run_dir, stage, r, forced) for stage in STAGES}
@@ -227,6 +264,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     forced = set(cfg.force)
     summaries = []
     started = time.time()
+    remove_stale_temp_files(run_dir)
     # logger=…: one tracker run per run directory, the round as step; rounds already logged are not logged again.
     with open_tracker(cfg, run_dir) as tracker:
         for r in range(cfg.rounds):

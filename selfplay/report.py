@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from . import faults
+from .manifest import write_json_atomic
 
 
 def round_summary(r: int, manifests: dict[str, dict]) -> dict[str, Any]:
@@ -113,6 +115,6 @@ def write_report(run_dir: Path, summaries: list[dict[str, Any]]) -> Path:
     tmp = run_dir / ".report.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
-    (run_dir / "summary.json").write_text(json.dumps([{k: v for k, v in s.items() if k != "line"} for s in summaries],
-                                                     indent=2) + "\n")
+    write_json_atomic(run_dir / "summary.json", [{k: v for k, v in s.items() if k != "line"} for s in summaries])
+    faults.point("run/report/written")
     return path

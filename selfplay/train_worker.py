@@ -1,6 +1,6 @@
 """One rank of a distributed train stage (started by `accelerate launch`, see selfplay/distributed.py).
 
-    python -m selfplay.train_worker CONFIG_YAML RUN_DIR ROUND OUT_DIR
+    python -m selfplay.train_worker CONFIG_YAML RUN_DIR ROUND OUT_DIR CHECKPOINT_DIR
 
 Every rank trains; the main rank writes OUT_DIR/policy and OUT_DIR/stats.json. A selfplay error is printed as one
 `error: …` line (the stage shows it) and exits 2.
@@ -19,10 +19,10 @@ def main(argv: list[str]) -> int:
     from .errors import SelfplayError
     from .stages.train import train_policy
 
-    config_path, run_dir, r, out = Path(argv[0]), Path(argv[1]), int(argv[2]), Path(argv[3])
+    config_path, run_dir, r, out, checkpoint_dir = Path(argv[0]), Path(argv[1]), int(argv[2]), Path(argv[3]), Path(argv[4])
     cfg = OmegaConf.load(config_path)
     try:
-        stats = train_policy(cfg, run_dir, r, out)
+        stats = train_policy(cfg, run_dir, r, out, checkpoint_dir)
     except SelfplayError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -168,16 +168,15 @@ def test_changed_config_for_a_finished_stage_is_refused(tiny_run):
 
 def test_kill_during_training_then_resume_keeps_generation_and_scoring(tmp_path, tiny_policy, tiny_reward_model):
     overrides = [*tiny_overrides(tmp_path, tiny_policy, tiny_reward_model, run_name="killed"), "rounds=1",
-                 "trainer.epochs=40"]  # ~80 steps: long enough to be killed mid-training
+                 "trainer.epochs=40", "trainer.save_steps=10"]  # ~80 steps: long enough to be killed mid-training
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     proc = subprocess.Popen([sys.executable, "-m", "selfplay.cli", "run", *overrides], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     rdir = tmp_path / "killed" / "round_00"
     deadline = time.time() + 600
-    while not (rdir / ".tmp-train" / "trainer").exists():
-        assert proc.poll() is None and time.time() < deadline, "training never started"
+    while not list(rdir.glob(".checkpoints/train/*/checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None and time.time() < deadline, "training never saved a checkpoint"
         time.sleep(0.05)
-    time.sleep(0.5)
     assert proc.poll() is None, "training finished before the kill; raise trainer.epochs"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -193,6 +192,10 @@ def test_kill_during_training_then_resume_keeps_generation_and_scoring(tmp_path,
         assert (rdir / f"{stage}.done.json").read_bytes() == done_before[f"{stage}.done.json"]
     assert all(p.read_bytes() == b for p, b in data_before.items())
     assert (rdir / "train.done.json").exists() and (rdir / "eval.json").exists()
+    train = json.loads((rdir / "train.done.json").read_text())["stats"]
+    assert train["resumed_from_step"] >= 10 and train["steps"] > train["resumed_from_step"]  # not from step 0
+    assert "round 0 train: resuming from" in resumed.stderr
+    assert not (rdir / ".checkpoints").exists()  # the committed stage's checkpoints are gone
 
 
 def test_other_metrics_and_simpo_through_overrides(tiny_run, tmp_path, tiny_policy):

@@ -68,6 +68,12 @@ class HFSampler:
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
 
+    def __enter__(self) -> HFSampler:  # the same protocol as the vLLM sampler, whose engines live for the block
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
     def generate(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate",
                  keys: list[str] | None = None) -> list[Completion]:
         # `keys` (prompt ids) is unused here: this backend seeds per batch, by the batch's index in the list.

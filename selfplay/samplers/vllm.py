@@ -52,7 +52,19 @@ class VLLMSampler:
         self.overlong = sampler_cfg.overlong_prompts
         self.ray_cfg = ray_cfg
         self.skipped_overlong = 0
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {"engine_start_s": 0.0, "generation_s": 0.0}
+        self._pool: EnginePool | None = None
+
+    def __enter__(self) -> VLLMSampler:
+        """Keep the engines up across generate() calls (a stage's checkpointed windows) until the block ends."""
+        self._pool = EnginePool(self.spec, self.num_engines, self.ray_cfg.address, self.ray_cfg.num_cpus).__enter__()
+        self.timings["engine_start_s"] += round(self._pool.start_seconds, 2)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.__exit__(*exc)
 
     def generate(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate",
                  keys: list[str] | None = None) -> list[Completion]:
@@ -69,7 +81,7 @@ class VLLMSampler:
         if overlong:
             log.warning("%s: %d prompts longer than sampler.max_model_len=%d skipped", desc, len(overlong),
                         self.spec.max_model_len)
-        self.skipped_overlong = len(overlong)
+        self.skipped_overlong += len(overlong)
         skip = set(overlong)
         # Chunks are fixed ranges of the list (skipped prompts leave a chunk smaller), so a shard — a range of whole
         # chunks — runs exactly the single-process run's chunks.
@@ -83,12 +95,17 @@ class VLLMSampler:
             params.update(temperature=0.0)
         else:
             params.update(temperature=spec.temperature, top_p=spec.top_p)
-        with EnginePool(self.spec, self.num_engines, self.ray_cfg.address, self.ray_cfg.num_cpus) as pool:
+        own_engines = self._pool is None  # outside a `with sampler:` block the engines live for this call only
+        if own_engines:
+            self.__enter__()
+        try:
             started = time.time()
-            outputs = pool.map("generate", requests, params, desc=desc, unit="resp",
-                               count=lambda _, result: sum(len(ids) for ids, _ in result))
-            self.timings = {"engine_start_s": round(pool.start_seconds, 2),
-                            "generation_s": round(time.time() - started, 2)}
+            outputs = self._pool.map("generate", requests, params, desc=desc, unit="resp",
+                                     count=lambda _, result: sum(len(ids) for ids, _ in result))
+            self.timings["generation_s"] = round(self.timings["generation_s"] + time.time() - started, 2)
+        finally:
+            if own_engines:
+                self.__exit__(None, None, None)
         results: list[Completion] = []
         for chunk, chunk_out in zip(chunks, outputs, strict=True):
             # the engine stops at an end-of-turn id, so "stop" ⇔ the ids end with one (finish reason not needed)

@@ -8,15 +8,21 @@ Alone:   selfplay stage generate round=R [shard=i num_shards=n]   (see selfplay/
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 
 import pandas as pd
 
-from .. import shards
+from .. import faults, shards
 from ..chat import template_sha256
+from ..checkpoints import ChunkStore
 from ..config import round_seed
+from ..modeling import load_tokenizer
 from ..samplers import SamplingSpec, build_sampler
 from ..shards import shard_span
+
+log = logging.getLogger("selfplay")
 
 OUTPUTS = ("generations",)
 # Everything that decides the responses. Left out on purpose: how many engines share the work and how much memory
@@ -50,23 +56,44 @@ def completions_frame(prompts: pd.DataFrame, completions: list) -> pd.DataFrame:
 
 def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
     """The completions of this shard's windows of `sampler.sort_window_batches` × `batch_size` prompts (hf sorts by
-    length inside a window; vllm runs chunks of `batch_size` prompts), so any shard count gives the same batches."""
+    length inside a window; vllm runs chunks of `batch_size` prompts), so any shard count gives the same batches.
+    Each window is checkpointed when it finishes; a resumed attempt (any shard count) reads the windows done."""
     cfg = ctx.cfg
     s = cfg.sampler
     prompts = ctx.read_parquet("prompts.parquet")
     window = s.batch_size * s.sort_window_batches
     lo, hi = shard_span(len(prompts), window, shard, num_shards)
-    prompts = prompts.iloc[lo:hi].reset_index(drop=True)
-    sampler = build_sampler(cfg, ctx.policy_path(), ctx.device)
-    spec = SamplingSpec(n=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                        seed=round_seed(cfg.seed, ctx.round), batch_size=s.batch_size, first_batch=lo // s.batch_size,
-                        sort_window=window)
+    windows = range(lo // window, -(-hi // window))
+    store = ChunkStore(ctx.checkpoint_dir, faults.stage_label(ctx.round_dir.name, "generate", "window"))
+    done = {w: chunk for w in windows if (chunk := store.load(w)) is not None}
     label = f"round {ctx.round} generate" + (f" {shard}/{num_shards}" if num_shards > 1 else "")
-    completions = sampler.generate(list(prompts["prompt"]), spec, desc=label,
-                                   keys=[str(k) for k in prompts["prompt_id"]])
-    ctx.stats.update(prompts=len(prompts), skipped_overlong_prompts=getattr(sampler, "skipped_overlong", 0),
-                     **getattr(sampler, "timings", {}), chat_template_sha256=template_sha256(sampler.tokenizer))
-    return completions_frame(prompts, completions)
+    if done:
+        log.info("%s: %d of %d windows were checkpointed by an earlier attempt", label, len(done), len(windows))
+    engine_start_s = 0.0
+    if len(done) < len(windows):
+        with build_sampler(cfg, ctx.policy_path(), ctx.device) as sampler:
+            for w in (w for w in windows if w not in done):
+                rows = prompts.iloc[w * window:min((w + 1) * window, hi)].reset_index(drop=True)
+                spec = SamplingSpec(n=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                    seed=round_seed(cfg.seed, ctx.round), batch_size=s.batch_size,
+                                    first_batch=w * s.sort_window_batches, sort_window=window)
+                skipped, started = getattr(sampler, "skipped_overlong", 0), time.time()
+                completions = sampler.generate(list(rows["prompt"]), spec, keys=[str(k) for k in rows["prompt_id"]],
+                                               desc=label + (f" window {w + 1}/{len(windows)}" if len(windows) > 1 else ""))
+                done[w] = (completions_frame(rows, completions),
+                           dict(prompts=len(rows), skipped_overlong_prompts=getattr(sampler, "skipped_overlong", 0) - skipped,
+                                generation_s=round(time.time() - started, 2),
+                                chat_template_sha256=template_sha256(sampler.tokenizer)))
+                store.save(w, *done[w])
+            engine_start_s = getattr(sampler, "timings", {}).get("engine_start_s", 0.0)
+    stats = [done[w][1] for w in windows]
+    ctx.stats.update(prompts=hi - lo, skipped_overlong_prompts=sum(st["skipped_overlong_prompts"] for st in stats),
+                     generation_s=round(sum(st["generation_s"] for st in stats), 2), engine_start_s=engine_start_s,
+                     chat_template_sha256=stats[0]["chat_template_sha256"] if stats
+                     else template_sha256(load_tokenizer(ctx.policy_path(), cfg.model.trust_remote_code)))
+    if not stats:
+        return completions_frame(prompts.iloc[:0], [])
+    return pd.concat([done[w][0] for w in windows], ignore_index=True)
 
 
 def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
@@ -76,8 +103,7 @@ def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
     for i, part in enumerate(parts):
         shards.link_or_copy(part, out / f"part-{i:05d}.parquet")
     columns = pd.concat([pd.read_parquet(p, columns=["n_tokens", "finish_reason"]) for p in parts], ignore_index=True)
-    timings = {k: round(sum(s.get(k, 0) for s in part_stats), 2) for k in ("engine_start_s", "generation_s")
-               if any(k in s for s in part_stats)}
+    timings = {k: round(sum(s.get(k, 0) for s in part_stats), 2) for k in ("engine_start_s", "generation_s")}
     ctx.stats.update(
         prompts=sum(s["prompts"] for s in part_stats),
         responses=len(columns),

@@ -26,7 +26,9 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from .. import faults
 from ..chat import template_sha256
+from ..checkpoints import last_trainer_checkpoint
 from ..distributed import lora_config, plan_memory, run_distributed, topology
 from ..errors import NoPairsError
 from ..modeling import load_causal_lm, load_tokenizer, torch_device
@@ -80,7 +82,10 @@ def common_args(cfg, output_dir: str, report_to: str | list[str] = "none") -> di
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_steps=1,
-        save_strategy="no",
+        # Resumable checkpoints (selfplay/checkpoints.py): the newest one only, with optimizer, scheduler and RNG.
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=1,
         report_to=report_to,  # logger=tensorboard|wandb: the trainer's own metrics (tracking.trainer_report_to)
         use_cpu=str(cfg.device) == "cpu",
         dataloader_num_workers=0,
@@ -120,12 +125,28 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
                                 processing_class=tokenizer, peft_config=peft)
 
 
-def train_policy(cfg, run_dir: Path, r: int, out: Path) -> dict | None:
+def _fault_points(round_name: str):
+    """A TrainerCallback that marks each optimizer step and each saved checkpoint for the fault suite."""
+    from transformers import TrainerCallback
+
+    class FaultPoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            faults.point(faults.stage_label(round_name, "train", "step"))
+
+        def on_save(self, args, state, control, **kwargs):
+            faults.point(faults.stage_label(round_name, "train", "checkpoint"))
+
+    return FaultPoints()
+
+
+def train_policy(cfg, run_dir: Path, r: int, out: Path, checkpoint_dir: Path) -> dict | None:
     """Train π_{r+1} from π_r on round r's selected pairs into out/policy; returns the stats on the main process
-    (None on the other ranks of a distributed run). The single-process stage and every distributed rank run this."""
+    (None on the other ranks of a distributed run). The single-process stage and every distributed rank run this.
+    Checkpoints go to checkpoint_dir; training resumes from the newest complete one there."""
     from ..pipeline import StageContext
 
     ctx = StageContext(cfg=cfg, run_dir=run_dir, round=r, out=out)
+    resume = last_trainer_checkpoint(checkpoint_dir)
     selected = ctx.read_parquet("selected.parquet")
     policy = ctx.policy_path()
     tokenizer = load_tokenizer(policy, cfg.model.trust_remote_code)
@@ -137,8 +158,11 @@ def train_policy(cfg, run_dir: Path, r: int, out: Path) -> dict | None:
     # of a distributed run reports (and prepares the log directory).
     main_rank = int(os.environ.get("RANK", "0")) == 0
     with trainer_report_to(cfg, run_dir, r) if main_rank else nullcontext("none") as report_to:
-        trainer = build_trainer(cfg, model, tokenizer, selected, str(out / "trainer"), report_to)
-        result = trainer.train()
+        trainer = build_trainer(cfg, model, tokenizer, selected, str(checkpoint_dir), report_to)
+        trainer.add_callback(_fault_points(ctx.round_dir.name))
+        if resume is not None:
+            log.info("round %d train: resuming from %s", r, resume)
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     if cfg.trainer.peft == "lora":
         trainer.save_model(str(out / "adapter"))  # every rank takes part (sharded strategies gather the adapter)
     else:
@@ -157,6 +181,7 @@ def train_policy(cfg, run_dir: Path, r: int, out: Path) -> dict | None:
     return dict(pairs=len(selected), steps=trainer.state.global_step, steps_per_epoch=math.ceil(len(selected) / per_step),
                 first_loss=round(losses[0], 5) if losses else None, final_loss=round(losses[-1], 5) if losses else None,
                 train_seconds=round(result.metrics.get("train_runtime", 0.0), 2), objective=cfg.trainer.objective,
+                resumed_from_step=int(resume.name.rsplit("-", 1)[-1]) if resume is not None else None,
                 distributed=cfg.trainer.distributed, world_size=world, peft=cfg.trainer.peft,
                 chat_template_sha256=template_sha256(tokenizer))
 
@@ -182,13 +207,15 @@ def run(ctx) -> None:
         )
     memory = plan_memory(cfg, ctx.policy_path())
     if cfg.trainer.distributed == "none" or (cfg.trainer.distributed == "ddp" and topology(cfg).world_size == 1):
-        stats = train_policy(cfg, ctx.run_dir, ctx.round, ctx.out)  # DDP over one process is one process
+        stats = train_policy(cfg, ctx.run_dir, ctx.round, ctx.out, ctx.checkpoint_dir)  # DDP over 1 process
     else:
         # The ranks read the same resolved config this process runs with.
         config_path = ctx.out / "config.yaml"
         config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         # The ranks' output stays beside the round (the temp dir goes when the stage fails).
-        run_distributed(cfg, [str(config_path), str(ctx.run_dir), str(ctx.round), str(ctx.out)],
+        last_trainer_checkpoint(ctx.checkpoint_dir)  # drop a checkpoint cut short by a kill before the ranks look
+        run_distributed(cfg, [str(config_path), str(ctx.run_dir), str(ctx.round), str(ctx.out),
+                              str(ctx.checkpoint_dir)],
                         ctx.round_dir / "train.ranks.log")
         stats = json.loads((ctx.out / "stats.json").read_text())
         for scratch in ("config.yaml", "stats.json"):
