@@ -15,6 +15,7 @@ Re-running the same command resumes: complete stages are skipped.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -72,13 +73,38 @@ def _app(cfg) -> None:
         # The message says what to fix; a traceback would only bury it.
         log.error("%s", err)
         sys.exit(2)
+    except Exception as err:
+        if not disk_full(err):
+            raise
+        # The failed stage's temp directory is gone already; what finished is kept, so a re-run continues.
+        log.error("disk full while writing under %s (%s); free space there (or set output_root=…) and run the same "
+                  "command again: finished stages are kept", run_dir, str(err).splitlines()[0][:200])
+        sys.exit(2)
+
+
+def disk_full(err: BaseException | None) -> bool:
+    """Whether an exception (or one it was raised from) is the filesystem being full, whichever library wrote:
+    an OSError with ENOSPC, or safetensors' and others' wrapped "No space left on device"."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(err) or "StorageFull" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _hydra(overrides: list[str]) -> int:
     import hydra
 
-    from .config import register
+    from .config import register, run_name_problem
 
+    # Hydra creates the run directory before the config is validated: refuse a run_name that leads elsewhere first.
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == "run_name" and (problem := run_name_problem(value)):
+            print(f"run_name: {problem}", file=sys.stderr)
+            return 2
     register()
     sys.argv = ["selfplay", *overrides]
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_app)()

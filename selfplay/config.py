@@ -46,6 +46,11 @@ class PromptsConfig:
     eval_count: int = 100
     # Held-out prompt file when `source` is a file; null takes eval_count rows from the end of `source`.
     eval_source: str | None = None
+    # Prompts longer than this many tokens (chat template included, the policy's tokenizer) are invalid; null: no cap.
+    max_prompt_tokens: int | None = 1024
+    # What an invalid prompt (empty, not text, over max_prompt_tokens) does: fail (one error naming the row) or
+    # skip (dropped before rounds and held-out rows are taken; the counts go to the prompts stage's manifest).
+    invalid: str = "fail"
 
 
 @dataclass
@@ -294,6 +299,14 @@ def round_seed(seed: int, r: int) -> int:
     return seed * 1_000 + r
 
 
+def run_name_problem(name: str) -> str | None:
+    """Why a run_name is refused (None: fine). The run directory is output_root/run_name; a name must not lead out."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return (f"must be a plain directory name (no '/' or '\\', not starting with '.'), got {name!r}; "
+                "set output_root to put runs elsewhere")
+    return None
+
+
 def _require(ok: bool, option: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{option}: {message}")
@@ -302,15 +315,16 @@ def _require(ok: bool, option: str, message: str) -> None:
 def validate(cfg: Any) -> None:
     """Cross-field rules; raises ConfigError naming the option."""
     _require(cfg.rounds >= 1, "rounds", f"must be ≥ 1, got {cfg.rounds}")
-    # The run directory is output_root/run_name: a name must not lead out of output_root.
-    _require(bool(cfg.run_name) and "/" not in cfg.run_name and "\\" not in cfg.run_name
-             and cfg.run_name not in (".", "..") and not cfg.run_name.startswith("."), "run_name",
-             f"must be a plain directory name (no '/', not starting with '.'), got {cfg.run_name!r}; "
-             "set output_root to put runs elsewhere")
+    _require(run_name_problem(cfg.run_name) is None, "run_name", run_name_problem(cfg.run_name) or "")
     _require(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {cfg.model.dtype!r}")
     _require(cfg.reward.dtype in DTYPES, "reward.dtype", f"must be one of {DTYPES}, got {cfg.reward.dtype!r}")
     _require(cfg.prompts.per_round >= 1, "prompts.per_round", f"must be ≥ 1, got {cfg.prompts.per_round}")
     _require(cfg.prompts.eval_count >= 1, "prompts.eval_count", f"must be ≥ 1, got {cfg.prompts.eval_count}")
+    _require(cfg.prompts.invalid in ("fail", "skip"), "prompts.invalid",
+             f"must be fail or skip, got {cfg.prompts.invalid!r}")
+    if cfg.prompts.max_prompt_tokens is not None:
+        _require(cfg.prompts.max_prompt_tokens >= 1, "prompts.max_prompt_tokens",
+                 f"must be ≥ 1 or null, got {cfg.prompts.max_prompt_tokens}")
     s = cfg.sampler
     _require(s.backend in SAMPLER_BACKENDS, "sampler.backend", f"must be one of {SAMPLER_BACKENDS}, got {s.backend!r}")
     _require(s.n >= 2, "sampler.n", f"needs ≥ 2 samples per prompt to form a pair, got {s.n}")
@@ -347,6 +361,10 @@ def validate(cfg: Any) -> None:
                  "set selection.top_k or selection.ratio (or selection.metric=all)")
     if sel.top_k is not None:
         _require(sel.top_k >= 1, "selection.top_k", f"must be ≥ 1, got {sel.top_k}")
+        # A round's pool has at most one pair per prompt (best vs worst), so a larger top_k can never be met.
+        _require(sel.metric == "all" or sel.top_k <= cfg.prompts.per_round, "selection.top_k",
+                 f"{sel.top_k} is larger than the pool can be (at most one pair per prompt, prompts.per_round="
+                 f"{cfg.prompts.per_round}); lower it, use selection.ratio, or raise prompts.per_round")
     if sel.ratio is not None:
         _require(0 < sel.ratio <= 1, "selection.ratio", f"must be in (0, 1], got {sel.ratio}")
     t = cfg.trainer

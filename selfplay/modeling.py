@@ -48,10 +48,20 @@ def torch_dtype(name: str) -> Any:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+# The files a tokenizer loads from (fast tokenizer, sentencepiece, BPE vocab).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False, need_chat_template: bool = True) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelDirError(f"model directory {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelDirError(f"model directory {path}: its tokenizer does not load ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:300]})") from err
     if need_chat_template and not tokenizer.chat_template:
         raise ModelDirError(f"tokenizer in {path} has no chat template; selfplay needs one to format prompts")
     if tokenizer.pad_token is None:  # batching needs a pad id; eos is never attended to past the sequence end

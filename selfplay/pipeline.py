@@ -255,6 +255,26 @@ def run_round(cfg: DictConfig, run_dir: Path, r: int, forced: set[str]) -> dict[
     return {stage: run_stage(cfg, run_dir, stage, r, forced) for stage in STAGES}
 
 
+def preflight(cfg: DictConfig) -> None:
+    """Fail before any work on inputs that would only fail later: the models' directories (config, safetensors
+    weights, tokenizer, chat template), the reward function, and the prompt files (every row checked)."""
+    from .modeling import load_tokenizer, resolve_model_path
+    from .stages.prompts import heldout_prompts, train_prompts
+
+    load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
+    if cfg.model.reference:
+        resolve_model_path(cfg.model.reference)
+    if cfg.reward.backend == "function":
+        from .rewards.scoring import load_function
+
+        load_function(cfg.reward.function)
+    else:
+        load_tokenizer(resolve_model_path(cfg.reward.model), cfg.model.trust_remote_code)
+    if cfg.prompts.source != "builtin":
+        train_prompts(cfg, 0)
+        heldout_prompts(cfg)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     """All rounds; returns one summary dict per round (also printed as a line each)."""
     from .card import write_round_card
@@ -264,6 +284,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     forced = set(cfg.force)
     summaries = []
     started = time.time()
+    preflight(cfg)
     remove_stale_temp_files(run_dir)
     # logger=…: one tracker run per run directory, the round as step; rounds already logged are not logged again.
     with open_tracker(cfg, run_dir) as tracker:

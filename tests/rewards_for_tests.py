@@ -13,3 +13,12 @@ def constant(prompts, completions, **columns):
 
 def not_finite(prompts, completions, **columns):
     return [float("nan")] + [0.0] * (len(completions) - 1)
+
+
+def infinite(prompts, completions, **columns):
+    return [float("inf")] * len(completions)
+
+
+def wrong_length(prompts, completions, **columns):
+    """One reward too few: a bug in a user's function."""
+    return [0.0] * (len(completions) - 1)

@@ -9,12 +9,16 @@ Alone:   selfplay stage prompts round=R
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
 from ..config import round_seed
 from ..errors import InputError
+
+log = logging.getLogger("selfplay")
 
 OUTPUTS = ("prompts.parquet",)
 CONFIG = ("prompts", "seed")
@@ -25,8 +29,11 @@ def requires(r: int) -> list[tuple[int, str]]:
     return []
 
 
-def read_prompt_file(path: str, column: str, id_column: str | None) -> pd.DataFrame:
-    """A prompt table with prompt_id and prompt columns; clear errors for anything unusable."""
+def read_prompt_file(path: str, column: str, id_column: str | None, invalid: str = "fail",
+                     max_tokens: int | None = None, count_tokens: Callable[[list[str]], list[int]] | None = None
+                     ) -> pd.DataFrame:
+    """A prompt table with prompt_id and prompt columns; clear errors for anything unusable. Empty prompts and prompts
+    over `max_tokens` (as `count_tokens` counts them) fail, or are dropped with `invalid="skip"` (counts in attrs)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise InputError(f"prompts file {file} does not exist")
@@ -57,10 +64,44 @@ def read_prompt_file(path: str, column: str, id_column: str | None) -> pd.DataFr
             raise InputError(f"prompts file {file}: duplicate prompt id {dup.iloc[0]!r} (row {dup.index[0]})")
     else:
         df.insert(0, "prompt_id", [f"{file.stem}-{i:06d}" for i in range(len(df))])
-    bad = df.index[~df["prompt"].map(lambda p: isinstance(p, str) and p.strip() != "")]
-    if len(bad):
-        raise InputError(f"prompts file {file}: row {bad[0]} has an empty or non-text prompt")
-    return df.reset_index(drop=True)
+    empty = ~df["prompt"].map(lambda p: isinstance(p, str) and p.strip() != "")
+    if empty.any() and invalid == "fail":
+        raise InputError(f"prompts file {file}: row {df.index[empty][0]} has an empty or non-text prompt "
+                         f"({int(empty.sum())} such rows; prompts.invalid=skip drops them)")
+    overlong = pd.Series(False, index=df.index)
+    if max_tokens is not None and count_tokens is not None:
+        lengths = pd.Series(0, index=df.index)
+        lengths[~empty] = count_tokens(df.loc[~empty, "prompt"].tolist())
+        overlong = lengths > max_tokens
+        if overlong.any() and invalid == "fail":
+            row = df.index[overlong][0]
+            raise InputError(f"prompts file {file}: row {row} has {lengths[row]} tokens, over prompts.max_prompt_tokens="
+                             f"{max_tokens} ({int(overlong.sum())} such rows; prompts.invalid=skip drops them)")
+    kept = df[~empty & ~overlong].reset_index(drop=True)
+    if kept.empty:
+        raise InputError(f"prompts file {file}: no usable prompts ({int(empty.sum())} empty, {int(overlong.sum())} over "
+                         f"prompts.max_prompt_tokens={max_tokens})")
+    kept.attrs.update(skipped_empty=int(empty.sum()), skipped_overlong=int(overlong.sum()))
+    if empty.any() or overlong.any():
+        log.warning("prompts file %s: skipped %d empty and %d over-long prompts (prompts.invalid=skip)", file,
+                    int(empty.sum()), int(overlong.sum()))
+    return kept
+
+
+def prompt_token_counter(cfg) -> Callable[[list[str]], list[int]]:
+    """Counts prompts in tokens as the sampler sends them: the base policy's chat template with the generation
+    prompt (the template is the same every round)."""
+    from ..chat import generation_prompt_ids
+    from ..modeling import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
+    return lambda prompts: [len(generation_prompt_ids(tokenizer, p)) for p in prompts]
+
+
+def _read(cfg, path: str) -> pd.DataFrame:
+    p = cfg.prompts
+    counter = prompt_token_counter(cfg) if p.max_prompt_tokens is not None else None
+    return read_prompt_file(path, p.column, p.id_column, p.invalid, p.max_prompt_tokens, counter)
 
 
 def train_prompts(cfg, r: int) -> pd.DataFrame:
@@ -78,14 +119,17 @@ def train_prompts(cfg, r: int) -> pd.DataFrame:
             if len(fresh) >= p.per_round:
                 return pd.DataFrame(fresh[: p.per_round])
             drawn *= 2
-    df = read_prompt_file(p.source, p.column, p.id_column)
+    df = _read(cfg, p.source)
+    skipped = dict(df.attrs)
     if p.eval_source is None:  # the last eval_count rows are held out
         if len(df) <= p.eval_count:
             raise InputError(f"prompts file {p.source}: {len(df)} rows leave none for training after holding out "
                              f"prompts.eval_count={p.eval_count}; lower it or set prompts.eval_source")
         df = df.iloc[: len(df) - p.eval_count]
     rows = [(r * p.per_round + i) % len(df) for i in range(min(p.per_round, len(df)))]
-    return df.iloc[rows].reset_index(drop=True)
+    out = df.iloc[rows].reset_index(drop=True)
+    out.attrs.update(skipped)
+    return out
 
 
 def heldout_prompts(cfg) -> pd.DataFrame:
@@ -95,11 +139,12 @@ def heldout_prompts(cfg) -> pd.DataFrame:
 
         return pd.DataFrame(build_prompts(p.eval_count, seed=HELDOUT_SEED, id_prefix="heldout-"))
     if p.eval_source is not None:
-        return read_prompt_file(p.eval_source, p.column, p.id_column).head(p.eval_count)
-    return read_prompt_file(p.source, p.column, p.id_column).tail(p.eval_count).reset_index(drop=True)
+        return _read(cfg, p.eval_source).head(p.eval_count)
+    return _read(cfg, p.source).tail(p.eval_count).reset_index(drop=True)
 
 
 def run(ctx) -> None:
     df = train_prompts(ctx.cfg, ctx.round)
+    ctx.stats.update(rows=len(df), **df.attrs)  # files: skipped_empty, skipped_overlong (whole file)
+    df.attrs.clear()
     df.to_parquet(ctx.out / "prompts.parquet", index=False)
-    ctx.stats.update(rows=len(df))

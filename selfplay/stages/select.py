@@ -121,11 +121,14 @@ def run(ctx) -> None:
     sel = ctx.cfg.selection
     pairs = ctx.read_parquet("pairs.parquet")
     if sel.top_k is not None and sel.top_k > len(pairs):
-        log.warning("round %d: selection.top_k=%d exceeds the pool of %d pairs; keeping all of them",
-                    ctx.round, sel.top_k, len(pairs))
+        # Ties (or dropped truncated pairs) left fewer pairs than asked for; a start-up check refuses a top_k
+        # that no pool could meet.
+        log.warning("round %d: selection.top_k=%d exceeds this round's pool of %d pairs (ties and truncated pairs are "
+                    "dropped); keeping all of them", ctx.round, sel.top_k, len(pairs))
     selected = select(pairs, sel.metric, sel.weight, sel.top_k, sel.ratio, seed=round_seed(ctx.cfg.seed, ctx.round))
     selected.to_parquet(ctx.out / "selected.parquet", index=False)
     (ctx.out / "README.md").write_text(dataset_card(ctx, selected, len(pairs)))
     ctx.stats.update(pool=len(pairs), selected=len(selected), metric=sel.metric,
+                     short_of_top_k=max(sel.top_k - len(pairs), 0) if sel.top_k is not None else 0,
                      mean_margin_explicit_selected=round(float(selected["margin_explicit"].mean()), 4) if len(selected) else None,
                      mean_abs_margin_implicit_selected=round(float(selected["margin_implicit"].abs().mean()), 4) if len(selected) else None)
