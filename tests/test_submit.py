@@ -78,7 +78,7 @@ def test_overrides_reach_the_job_as_typed_and_nothing_runs_in_the_shell(tmp_path
     """The rendered script run by bash, with a stand-in python that prints its arguments (a mock of the
     interpreter in a test of the script rendering): hostile values arrive intact and execute nothing."""
     canary = tmp_path / "pwned"
-    hostile = [f"prompts.source='$(touch {canary})'", f"run_name='x; touch {canary}'", "reward.function='a`id`:b'",
+    hostile = [f"prompts.source='$(touch {canary})'", "run_name='x; touch pwned'", "reward.function='a`id`:b'",
                """prompts.column="it's $HOME" """.strip()]
     out = run_cli("submit", "--dry-run", f"output_root={tmp_path}", "launcher.generate.shards=1", *hostile)
     # A quoted run_name may hold spaces and ';' for Hydra, but not in a path on an #SBATCH line: refused.
