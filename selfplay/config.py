@@ -98,8 +98,10 @@ class RewardConfig:
     function: str = "selfplay.rewards.ifeval:reward"
     # Local directory of the reward model. Used when backend=hf_classifier.
     model: str | None = None
-    # Sequences per forward pass of the reward model.
+    # Most sequences per forward pass of the reward model.
     batch_size: int = 16
+    # hf_classifier: most padded tokens (rows × longest) per forward pass (null: fixed batches of batch_size).
+    max_batch_tokens: int | None = 16384
     # Truncation length for the reward model's input (tokens).
     max_length: int = 1024
     # Reward-model weights dtype: float32 | bfloat16 | float16 | auto.
@@ -118,8 +120,11 @@ class PairConfig:
 class MarginConfig:
     # β of the DPO-form implicit reward (only with model.reference); under MAP's z-scoring it cancels.
     beta: float = 0.1
-    # Sequences per teacher-forced forward pass (hf); sequences per engine request batch (vllm).
+    # Most sequences per teacher-forced forward pass (hf); sequences per engine request batch (vllm).
     batch_size: int = 8
+    # hf: most padded tokens (rows × longest) per forward pass; batches of similar lengths fill it (null: fixed
+    # batches of batch_size). Raise both on a GPU, e.g. batch_size=256 max_batch_tokens=65536.
+    max_batch_tokens: int | None = 8192
     # hf (transformers forward through TRL's fused head) | vllm (the engine's prompt log-probs, on a Ray actor).
     backend: str = "hf"
 
@@ -351,6 +356,9 @@ def validate(cfg: Any) -> None:
     _require(cfg.pair.strategy == "best_worst", "pair.strategy", f"only 'best_worst' exists, got {cfg.pair.strategy!r}")
     _require(cfg.pair.min_margin >= 0, "pair.min_margin", f"must be ≥ 0, got {cfg.pair.min_margin}")
     _require(cfg.margin.beta > 0, "margin.beta", f"must be > 0, got {cfg.margin.beta}")
+    for option, value in (("margin.max_batch_tokens", cfg.margin.max_batch_tokens),
+                          ("reward.max_batch_tokens", cfg.reward.max_batch_tokens)):
+        _require(value is None or value >= 1, option, f"must be ≥ 1 or null, got {value}")
     _require(cfg.margin.backend in MARGIN_BACKENDS, "margin.backend",
              f"must be one of {MARGIN_BACKENDS}, got {cfg.margin.backend!r}")
     sel = cfg.selection

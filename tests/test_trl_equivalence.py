@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from selfplay.batching import token_budget_batches
 from selfplay.chat import prompt_messages, response_messages, training_tokens
 from selfplay.logprobs import completion_logps
 
@@ -53,7 +54,8 @@ def test_dpo_tokens_and_reference_logps_match_trl(tiny_policy, tmp_path, max_len
         ours += [(pc, cc), (pr, cr)]
     assert next(rows, None) is None
     assert kept, "the test needs at least one row TRL keeps"
-    sums, counts = completion_logps(load(tiny_policy)[0], ours, torch.device("cpu"), 4, tokenizer.pad_token_id)
+    batches = token_budget_batches([len(p) + len(c) for p, c in ours], 4)
+    sums, counts = completion_logps(load(tiny_policy)[0], ours, torch.device("cpu"), batches, tokenizer.pad_token_id)
     # TRL's own reference pass over the same rows (what precompute_ref_log_probs stores); fp32 in both, padded to
     # other widths, so they agree to rounding.
     for i, row in enumerate(kept):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..batching import token_budget_batches
 from ..errors import InputError
 from ..shards import shard_span
 
@@ -72,7 +72,7 @@ def function_scorer(spec: str, chunk: int = 512) -> Scorer:
 
 
 def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: int, device: Any,
-                      trust_remote_code: bool) -> Scorer:
+                      trust_remote_code: bool, max_batch_tokens: int | None = None) -> Scorer:
     import torch
 
     from ..chat import reward_input_ids
@@ -86,23 +86,27 @@ def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: i
     def score(frame: pd.DataFrame, desc: str = "score", shard: tuple[int, int] = ALL) -> pd.Series:
         encoded = [reward_input_ids(tokenizer, p, r, max_length)
                    for p, r in zip(frame["prompt"], frame["response"], strict=True)]
-        # Longest first (ties by row): the batches are fixed by the data alone, so a shard's are the same batches.
-        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
-        lo, hi = shard_span(len(order), batch_size, *shard)
-        order = order[lo:hi]
+        # Token-budget batches, longest first (ties by row), fixed by the data alone: a shard's are the same batches.
+        batches = token_budget_batches([len(e) for e in encoded], batch_size, max_batch_tokens)
+        lo, hi = shard_span(len(batches), 1, *shard)
+        batches = batches[lo:hi]
+        order = [i for batch in batches for i in batch]
         out = np.empty(len(order))
-        for start in tqdm(range(0, len(order), batch_size), total=math.ceil(len(order) / batch_size), desc=desc,
-                          unit="batch", dynamic_ncols=True):
-            idx = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
+        bar = tqdm(total=sum(len(encoded[i]) for i in order), desc=desc, unit="tok", unit_scale=True,
+                   dynamic_ncols=True)
+        start = 0
+        for idx in batches:
+            ids = torch.full((len(idx), max(len(encoded[i]) for i in idx)), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
             for row, i in enumerate(idx):  # right padding: sequence classifiers read the last non-pad token
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                 mask[row, : len(encoded[i])] = 1
             with torch.inference_mode():
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             out[start : start + len(idx)] = logits[:, 0].float().cpu().numpy()
+            start += len(idx)
+            bar.update(int(mask.sum()))
+        bar.close()
         values = pd.Series(out, index=np.asarray(order, dtype=np.int64)).sort_index()
         check_rewards(values.to_numpy(), len(values), f"reward model {path}", frame.iloc[values.index])
         return values
@@ -142,4 +146,4 @@ def build_scorer(cfg: Any, device: Any) -> Scorer:
         return vllm_scorer(reward_cfg.model, reward_cfg.dtype, reward_cfg.max_length, device, trust_remote_code,
                            cfg.sampler, cfg.ray)
     return classifier_scorer(reward_cfg.model, reward_cfg.dtype, reward_cfg.batch_size, reward_cfg.max_length,
-                             device, trust_remote_code)
+                             device, trust_remote_code, reward_cfg.max_batch_tokens)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..batching import token_budget_batches
 from ..chat import template_sha256, training_tokens
 from ..errors import SelfplayError
 from ..logprobs import completion_logps
@@ -63,8 +64,9 @@ def score_model(model_path, responses: pd.DataFrame, cfg, device, desc: str,
                 shard: tuple[int, int]) -> tuple[pd.DataFrame, str]:
     """Log-prob sums and token counts of this shard's share of the responses under one model, keyed by row.
 
-    The schedule is the backend's: hf forwards length-sorted batches of margin.batch_size, vllm sends chunks of
-    ITEMS_PER_CALL in row order; a shard takes whole batches of it (selfplay/shards.py)."""
+    The schedule is the backend's: hf forwards token-budget batches (margin.max_batch_tokens, at most
+    margin.batch_size rows; selfplay/batching.py), vllm sends chunks of ITEMS_PER_CALL in row order; a shard takes
+    whole batches of it (selfplay/shards.py)."""
     from ..vllm_engine import ITEMS_PER_CALL
 
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
@@ -77,14 +79,15 @@ def score_model(model_path, responses: pd.DataFrame, cfg, device, desc: str,
         rows = list(range(lo, hi))
         sums = vllm_logps(model_path, [sequences[i] for i in rows], cfg, device, desc)
     else:
-        # completion_logps sorts longest first (stably); handing it this shard's slice of the same order gives it
-        # exactly the single-process batches.
-        order = sorted(range(len(sequences)), key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1])))
-        lo, hi = shard_span(len(order), cfg.margin.batch_size, *shard)
-        rows = order[lo:hi]
+        # Token-budget batches of the whole list, fixed by the lengths alone; a shard takes a contiguous range.
+        batches = token_budget_batches([len(p) + len(c) for p, c in sequences], cfg.margin.batch_size,
+                                       cfg.margin.max_batch_tokens)
+        lo, hi = shard_span(len(batches), 1, *shard)
+        rows = [i for batch in batches[lo:hi] for i in batch]
         model = load_causal_lm(model_path, cfg.model.dtype, device, cfg.model.trust_remote_code)
-        sums, _ = completion_logps(model, [sequences[i] for i in rows], device, cfg.margin.batch_size,
-                                   tokenizer.pad_token_id, desc=desc, bf16=cfg.trainer.bf16)
+        all_sums, _ = completion_logps(model, sequences, device, batches[lo:hi], tokenizer.pad_token_id, desc=desc,
+                                       bf16=cfg.trainer.bf16)
+        sums = all_sums[rows]
     values = pd.DataFrame({"row": np.asarray(rows, dtype=np.int64), "logp_sum": np.asarray(sums, dtype=np.float64),
                            "n_tokens": np.array([len(sequences[i][1]) for i in rows], dtype=np.int64)})
     return values, template_sha256(tokenizer)
