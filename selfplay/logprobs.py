@@ -1,15 +1,52 @@
-"""Teacher-forced log-probabilities of completions, through TRL's fused LM head (the forward TRL's own reference
-pass runs: no full-vocabulary logits tensor is kept), in the token-budget batches it is given, each sequence once."""
+"""Teacher-forced log-probabilities of completions, in the token-budget batches it is given, each sequence once.
+
+The LM head runs only where a completion token is predicted, in chunks, with log p = logit − logsumexp: no
+(batch, length, vocabulary) tensor. TRL's fused head does the same in tiles but costs ~5× the head's matmul on a
+CPU (bench/bench_scoring.py); it stays the path for models that scale or soft-cap their logits.
+"""
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 
-def completion_logps(model: Any, sequences: list[tuple[list[int], list[int]]], device: Any,
+class TokenPairs:
+    """(prompt_ids, completion_ids) of many sequences in two flat int32 arrays: 4 bytes a token instead of a Python
+    list of ints (~36), so the margin stage's memory hardly grows with the number of responses. Indexing gives
+    lists back, one sequence at a time."""
+
+    def __init__(self, pairs: Iterable[tuple[list[int], list[int]]]):
+        tokens, ends = array("i"), array("q")
+        for prompt, completion in pairs:
+            tokens.extend(prompt)
+            ends.append(len(tokens))
+            tokens.extend(completion)
+            ends.append(len(tokens))
+        self._tokens = np.frombuffer(tokens, dtype=np.int32) if tokens else np.zeros(0, np.int32)
+        self._ends = np.frombuffer(ends, dtype=np.int64) if ends else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends) // 2
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        start = int(self._ends[2 * i - 1]) if i > 0 else 0
+        middle, end = int(self._ends[2 * i]), int(self._ends[2 * i + 1])
+        return self._tokens[start:middle].tolist(), self._tokens[middle:end].tolist()
+
+    def lengths(self) -> np.ndarray:
+        """prompt + completion tokens of each sequence."""
+        return np.diff(self._ends[1::2], prepend=0)
+
+    def completion_lengths(self) -> np.ndarray:
+        return self._ends[1::2] - self._ends[0::2]
+
+
+def completion_logps(model: Any, sequences: Sequence[tuple[list[int], list[int]]], device: Any,
                      batches: list[list[int]], pad_token_id: int, desc: str = "log-probs",
                      bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Sum of log π(y_t | x, y_<t) over each completion at temperature 1, and its token count.
@@ -19,13 +56,16 @@ def completion_logps(model: Any, sequences: list[tuple[list[int], list[int]]], d
     forward under bf16 autocast, as the trainer does with `trainer.bf16`, so reused reference log-probs match.
     """
     import torch
-    from trl.trainer.utils import add_fused_lm_head
 
-    if not getattr(model, "_selfplay_fused_head", False):
-        add_fused_lm_head(model)
-        model._selfplay_fused_head = True
     sums = np.zeros(len(sequences))
     counts = np.array([len(c) for _, c in sequences])
+    plain = plain_head(model)
+    if plain is None:  # logit scaling or soft-capping: TRL's fused head knows each model's variant
+        from trl.trainer.utils import add_fused_lm_head
+
+        if not getattr(model, "_selfplay_fused_head", False):
+            add_fused_lm_head(model)
+            model._selfplay_fused_head = True
     bar = tqdm(total=sum(len(sequences[i][0]) + len(sequences[i][1]) for b in batches for i in b), desc=desc,
                unit="tok", unit_scale=True, dynamic_ncols=True)
     for idx in batches:
@@ -39,10 +79,44 @@ def completion_logps(model: Any, sequences: list[tuple[list[int], list[int]]], d
             ids[row, : len(full)] = full
             mask[row, : len(full)] = 1
             labels[row, len(prompt) : len(full)] = full[len(prompt) :]
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
         with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
-                        use_cache=False, fused_lm_head=True)
-        sums[idx] = out.log_probs.float().sum(dim=1).cpu().numpy()
+            if plain is None:
+                out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False, fused_lm_head=True)
+                sums[idx] = out.log_probs.float().sum(dim=1).cpu().numpy()
+            else:
+                sums[idx] = _label_logps(plain, ids, mask, labels).cpu().numpy()
         bar.update(sum(lengths))
     bar.close()
     return sums, counts
+
+
+def plain_head(model: Any) -> tuple[Any, Any] | None:
+    """(backbone, lm_head) when the logits are just lm_head(hidden) — Llama, Qwen, Mistral and most others — else
+    None (models that scale or soft-cap their logits go through TRL's fused head instead)."""
+    config = model.config.get_text_config()
+    if any(getattr(config, key, None) not in (None, 1.0) for key in
+           ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")):
+        return None
+    backbone, head = getattr(model, model.base_model_prefix, None), model.get_output_embeddings()
+    return (backbone, head) if backbone is not None and head is not None else None
+
+
+def _label_logps(plain: tuple[Any, Any], ids: Any, mask: Any, labels: Any, rows_per_chunk: int = 1024) -> Any:
+    """Per-sequence sum of log-softmax at the label tokens. The LM head runs only at the positions that predict a
+    label (completion tokens; prompt and padding are skipped) and in chunks, so no (batch, length, vocabulary)
+    logits tensor exists: log p = logit[label] − logsumexp(logits), one exp pass per position."""
+    import torch
+
+    backbone, head = plain
+    hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    scored = targets != -100
+    positions = hidden[:, :-1][scored]  # (positions, hidden): the states that predict a label
+    wanted, rows = targets[scored], scored.nonzero()[:, 0]
+    logps = torch.empty(len(wanted), dtype=torch.float32, device=ids.device)
+    for start in range(0, len(wanted), rows_per_chunk):
+        logits = head(positions[start : start + rows_per_chunk]).float()
+        chunk = wanted[start : start + rows_per_chunk]
+        logps[start : start + len(chunk)] = logits.gather(1, chunk[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+    return torch.zeros(len(ids), dtype=torch.float32, device=ids.device).index_add_(0, rows, logps)

@@ -36,11 +36,11 @@ def nucleus_mask(scores, top_p: float, candidates: int = 512):
     keep_top[:, 0] = True  # HF keeps at least one token
     remove = torch.ones_like(probs, dtype=torch.bool).scatter_(-1, top_idx, ~keep_top)
     wide = (top_probs.sum(dim=-1) < top_p).nonzero().flatten()
-    for row in wide.tolist():  # rare: a flat distribution
-        sorted_probs, order = probs[row].sort(descending=True)
-        keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p
-        keep[0] = True
-        remove[row] = torch.ones_like(keep).scatter_(0, order, ~keep)
+    if len(wide):  # flat distributions (rare in trained models, every row of a random one): one batched full sort
+        sorted_probs, order = probs[wide].sort(dim=-1, descending=True)
+        keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p
+        keep[:, 0] = True
+        remove[wide] = torch.ones_like(keep).scatter_(-1, order, ~keep)
     return remove
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 from ..batching import token_budget_batches
 from ..chat import template_sha256, training_tokens
 from ..errors import SelfplayError
-from ..logprobs import completion_logps
+from ..logprobs import TokenPairs, completion_logps
 from ..modeling import load_causal_lm, load_tokenizer, resolve_model_path
 from ..shards import shard_span
 
@@ -70,17 +70,15 @@ def score_model(model_path, responses: pd.DataFrame, cfg, device, desc: str,
     from ..vllm_engine import ITEMS_PER_CALL
 
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    sequences = [
-        training_tokens(tokenizer, p, r, cfg.trainer.objective, cfg.trainer.max_length)
-        for p, r in zip(responses["prompt"], responses["response"], strict=True)
-    ]
+    sequences = TokenPairs(training_tokens(tokenizer, p, r, cfg.trainer.objective, cfg.trainer.max_length)
+                           for p, r in zip(responses["prompt"], responses["response"], strict=True))
     if cfg.margin.backend == "vllm":
         lo, hi = shard_span(len(sequences), ITEMS_PER_CALL, *shard)
         rows = list(range(lo, hi))
         sums = vllm_logps(model_path, [sequences[i] for i in rows], cfg, device, desc)
     else:
         # Token-budget batches of the whole list, fixed by the lengths alone; a shard takes a contiguous range.
-        batches = token_budget_batches([len(p) + len(c) for p, c in sequences], cfg.margin.batch_size,
+        batches = token_budget_batches(sequences.lengths().tolist(), cfg.margin.batch_size,
                                        cfg.margin.max_batch_tokens)
         lo, hi = shard_span(len(batches), 1, *shard)
         rows = [i for batch in batches[lo:hi] for i in batch]
@@ -89,7 +87,7 @@ def score_model(model_path, responses: pd.DataFrame, cfg, device, desc: str,
                                        bf16=cfg.trainer.bf16)
         sums = all_sums[rows]
     values = pd.DataFrame({"row": np.asarray(rows, dtype=np.int64), "logp_sum": np.asarray(sums, dtype=np.float64),
-                           "n_tokens": np.array([len(sequences[i][1]) for i in rows], dtype=np.int64)})
+                           "n_tokens": sequences.completion_lengths()[rows].astype(np.int64)})
     return values, template_sha256(tokenizer)
 
 
