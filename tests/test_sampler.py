@@ -55,3 +55,20 @@ def test_generation_is_seeded_and_n_per_prompt(tiny_policy):
     other = sampler.generate(prompts, SamplingSpec(n=3, max_new_tokens=10, temperature=0.8, top_p=0.95, seed=5,
                                                    batch_size=2))
     assert [c.response for c in other] != [c.response for c in a]
+
+
+def test_cdf_sampling_draws_the_softmax_of_the_tempered_nucleus():
+    """Greedy decoding after TemperatureTopP + SampleByCDF draws each token with its tempered nucleus probability."""
+    from selfplay.samplers.hf import SampleByCDF, TemperatureTopP
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50) * 2
+    tempered = TemperatureTopP(0.7, 0.9)(None, logits.clone())
+    expected = torch.softmax(tempered, dim=-1)[0]
+    draws = 200_000
+    torch.manual_seed(1)
+    picks = SampleByCDF()(None, tempered.expand(draws, -1).clone()).argmax(dim=-1)
+    freq = torch.bincount(picks, minlength=50).float() / draws
+    assert (freq[expected == 0] == 0).all()  # never outside the nucleus
+    # binomial standard error per token; 5 of them is far outside chance for a correct sampler
+    assert ((freq - expected).abs() <= 5 * (expected * (1 - expected) / draws).sqrt() + 1e-4).all()
