@@ -11,7 +11,6 @@ its trainer_state.json (saved last by transformers) parses. The stage's director
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -88,7 +87,3 @@ def last_trainer_checkpoint(directory: Path) -> Path | None:
         else:  # killed while saving: model or optimizer files may be cut short
             shutil.rmtree(path, ignore_errors=True)
     return max(complete)[1] if complete else None
-
-
-def trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / "trainer_state.json").read_text())

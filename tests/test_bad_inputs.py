@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def test_disk_full_during_a_write_is_one_message_and_the_rerun_continues(tmp_pat
 
 def test_run_directories_follow_the_users_umask(tmp_path, tiny_policy):
     overrides = tiny_overrides(tmp_path, tiny_policy, None, run_name="umask")
-    proc = subprocess.run(["bash", "-c", 'umask 027 && exec "$0" -m selfplay.cli "$@"', os.sys.executable, "stage",
+    proc = subprocess.run(["bash", "-c", 'umask 027 && exec "$0" -m selfplay.cli "$@"', sys.executable, "stage",
                            "prompts", "round=0", *overrides], capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
     assert proc.returncode == 0, proc.stderr[-2000:]
