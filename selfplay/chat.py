@@ -74,6 +74,11 @@ def _simpo_tokens(tokenizer: Any, prompt: str, response: str, max_length: int) -
     return ids[:prompt_len], ids[prompt_len:]
 
 
+def token_format(trainer: Any) -> str:
+    """Whose tokenisation the trainer uses: simpo (CPOTrainer) or dpo (DPOTrainer); MMPO follows its logits."""
+    return trainer.mmpo_logits if trainer.objective == "mmpo" else trainer.objective
+
+
 def training_tokens(tokenizer: Any, prompt: str, response: str, objective: str, max_length: int) -> tuple[list[int], list[int]]:
     """(prompt_ids, completion_ids) as the TRL trainer for `objective` will see them, after its truncation.
 

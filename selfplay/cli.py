@@ -9,7 +9,10 @@
     selfplay submit [--dry-run] [overrides…]       the whole run as SLURM jobs (conf/launcher/slurm.yaml)
     selfplay run -m selection.metric=map,random hydra/launcher=submitit_slurm   a sweep, one SLURM job per run
     selfplay status [RUN_DIR | overrides…] [--json]
+    selfplay select INPUT OUTPUT [overrides…]      MAP/baseline selection of an existing preference dataset
     selfplay report RUN_DIR                        rebuild report.md and every round's card.md from the files
+    selfplay run experiment=compare                the selection metrics side by side over seeds (selfplay/compare.py)
+    selfplay report COMPARE_DIR | RUN RUN… --out DIR   the comparison report of those runs
 Re-running the same command resumes: complete stages are skipped.
 """
 
@@ -137,6 +140,72 @@ def _status(args: list[str]) -> int:
     return 0
 
 
+def _select(args: list[str]) -> int:
+    """`selfplay select INPUT OUTPUT [overrides…]` (selfplay/offline.py): no run directory, nothing but OUTPUT written."""
+    if len(args) < 2 or "=" in args[0] or "=" in args[1]:
+        print("usage: selfplay select INPUT OUTPUT [overrides…]   (INPUT: preference pairs .parquet/.jsonl/.json/.csv)",
+              file=sys.stderr)
+        return 2
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from .config import register, validate
+    from .errors import SelfplayError
+    from .offline import select_dataset
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    register()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=args[2:])
+        validate(cfg)
+        OmegaConf.set_readonly(cfg, True)
+        counts = select_dataset(cfg, Path(args[0]), Path(args[1]))
+    except SelfplayError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # Hydra's own override errors name the option; show them without a traceback
+        if type(err).__module__.split(".")[0] not in ("hydra", "omegaconf"):
+            raise
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"{args[1]}: kept {counts['selected']} of {counts['pool']} pairs by {cfg.selection.metric} "
+          f"({counts['rows']} rows read, {counts['ties_dropped']} ties and {counts['truncated_dropped']} truncated dropped)")
+    return 0
+
+
+def _report(args: list[str]) -> int:
+    """One run: its report.md and cards again. An experiment=compare directory: the comparison report. Several runs:
+    a comparison of them (labelled by their selection and seed) in --out DIR."""
+    out = None
+    if "--out" in args:
+        i = args.index("--out")
+        if i + 1 >= len(args):
+            print("selfplay report: --out needs a directory", file=sys.stderr)
+            return 2
+        out, args = Path(args[i + 1]), args[:i] + args[i + 2:]
+    missing = [a for a in args if not Path(a).is_dir()]
+    if not args or missing:
+        print("usage: selfplay report RUN_DIR | COMPARE_DIR | RUN_DIR RUN_DIR… [--out DIR]"
+              + (f"\nselfplay report: no run directory {missing[0]}" if missing else ""), file=sys.stderr)
+        return 2
+    from .compare import is_comparison, write_comparison
+
+    unfinished = [a for a in args if len(args) > 1 and not (Path(a) / "config.yaml").is_file()]
+    if unfinished:
+        print(f"selfplay report: {unfinished[0]} has no config.yaml (not a selfplay run directory)", file=sys.stderr)
+        return 2
+    if len(args) > 1:
+        print(write_comparison(out or Path("comparison"), [Path(a) for a in args]))
+    elif is_comparison(Path(args[0])):
+        print(write_comparison(Path(args[0])))
+    else:
+        from .report import rebuild
+
+        print(rebuild(Path(args[0])))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -165,13 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     if command == "report":
-        if len(rest) != 1 or not Path(rest[0]).is_dir():
-            print("usage: selfplay report RUN_DIR", file=sys.stderr)
-            return 2
-        from .report import rebuild
-
-        print(rebuild(Path(rest[0])))
-        return 0
+        return _report(rest)
+    if command == "select":
+        return _select(rest)
     print(f"selfplay: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

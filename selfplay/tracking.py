@@ -81,6 +81,8 @@ ROUND_SCALARS = (
     ("select/pool", "select", "pool"),
     ("select/mean_margin_explicit", "select", "mean_margin_explicit_selected"),
     ("select/mean_abs_margin_implicit", "select", "mean_abs_margin_implicit_selected"),
+    ("select/map_weight", "select", "map_weight"),
+    ("train/mean_soft_label", "train", "mean_soft_label"),
     ("train/first_loss", "train", "first_loss"),
     ("train/final_loss", "train", "final_loss"),
     ("train/steps", "train", "steps"),

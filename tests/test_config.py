@@ -85,3 +85,23 @@ def test_cli_bad_value_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "sampler.n: needs ≥ 2 samples per prompt" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_selection_extras_validate_with_option_names():
+    validate(composed("selection.weight=auto", "selection.signed=true", "selection.metric=real"))
+    with pytest.raises(ConfigError, match="selection.weight"):
+        validate(composed("selection.weight=heavy"))
+    with pytest.raises(ConfigError, match="selection.weight"):
+        validate(composed("selection.weight=-1"))
+    with pytest.raises(ConfigError, match="pair.strategy"):
+        validate(composed("pair.strategy=best_median"))
+    # All pairs of n samples: up to n(n-1)/2 per prompt, so a top_k above prompts.per_round becomes possible.
+    validate(composed("pair.strategy=all", "sampler.n=4", "prompts.per_round=10", "selection.top_k=60",
+                      "selection.ratio=null"))
+    with pytest.raises(ConfigError, match="selection.top_k"):
+        validate(composed("pair.strategy=all", "sampler.n=4", "prompts.per_round=10", "selection.top_k=61",
+                          "selection.ratio=null"))
+    with pytest.raises(ConfigError, match="compare.arms"):
+        validate(composed("experiment=compare", "compare.arms=[map,map-fast]"))
+    with pytest.raises(ConfigError, match="compare.seeds"):
+        validate(composed("experiment=compare", "compare.seeds=[1,1]"))

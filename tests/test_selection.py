@@ -103,3 +103,92 @@ def test_min_margin_turns_small_gaps_into_ties():
     df = scores_frame([("p", "q", 0, "a", 0.50), ("p", "q", 1, "b", 0.55), ("r", "s", 0, "c", 0.0), ("r", "s", 1, "d", 1.0)])
     pairs, ties = best_vs_worst(df, min_margin=0.1)
     assert ties == 1 and pairs["prompt_id"].tolist() == ["r"]
+
+
+# ---- selection beyond the paper: weight=auto, the signed variant, REAL, pairing strategies, compare arms ----
+
+def test_auto_weight_is_the_correlation_floored_at_zero():
+    from selfplay.stages.select import auto_weight
+
+    ex = np.array([0.9, 0.2, 0.5, 0.7, 0.1])
+    im = np.array([0.8, -0.1, 0.3, -0.6, 0.05])
+    expected = np.corrcoef(ex, np.abs(im))[0, 1]
+    assert expected > 0
+    assert auto_weight(ex, im) == pytest.approx(expected)
+    assert auto_weight(ex, im, signed=True) == pytest.approx(max(0.0, np.corrcoef(ex, im)[0, 1]))
+    # Policy margins that run against the judge's: nothing to discount, MAP falls back to the explicit margin.
+    assert auto_weight(ex, -ex * 0.1 + 1.0) == 0.0
+    assert auto_weight(ex, np.full(5, 0.3)) == 0.0  # a constant policy margin carries nothing
+
+
+def test_map_signed_variant_by_hand():
+    ex = np.array([1.0, 0.5, 0.0])
+    im = np.array([-0.2, 0.1, 0.3])  # signed: mean 0.0667, population std of [-0.2, 0.1, 0.3]
+    z_ex = (ex - ex.mean()) / ex.std()
+    z_im = (im - im.mean()) / im.std()
+    assert map_score(ex, im, 1.5, signed=True) == pytest.approx(z_ex - 1.5 * z_im)
+    # A pair the policy orders the wrong way round (Δim < 0) ranks above its mirror image under signed, not under |Δim|.
+    flip = np.array([1.0, 1.0, 0.0]), np.array([0.5, -0.5, 0.1])
+    signed = map_score(*flip, 1.0, signed=True)
+    assert signed[1] > signed[0]
+    assert map_score(*flip, 1.0)[0] == pytest.approx(map_score(*flip, 1.0)[1])
+
+
+def test_select_auto_weight_recorded_and_used():
+    from selfplay.stages.select import auto_weight
+
+    pairs = pairs_frame()
+    out = select(pairs, "map", weight="auto", top_k=4)
+    w = auto_weight(pairs["margin_explicit"].to_numpy(), pairs["margin_implicit"].to_numpy())
+    assert out["map_weight"].unique().tolist() == [pytest.approx(w)]
+    by_id = dict(zip(pairs["prompt_id"], map_score(pairs["margin_explicit"], pairs["margin_implicit"], w), strict=True))
+    assert out["score"].tolist() == pytest.approx([by_id[p] for p in out["prompt_id"]])
+
+
+def test_select_real_keeps_least_similar_pairs():
+    pairs = pairs_frame().assign(real_similarity=[0.9, 0.1, 0.5, 0.95])
+    assert select(pairs, "real", top_k=2)["prompt_id"].tolist() == ["b", "c"]
+    with pytest.raises(ValueError, match="real_similarity"):
+        select(pairs_frame(), "real", top_k=2)
+
+
+def test_pair_strategies():
+    from selfplay.stages.pair import make_pairs
+
+    df = scores_frame([
+        ("p1", "q1", 0, "a", 0.5), ("p1", "q1", 1, "b", 1.0), ("p1", "q1", 2, "c", 0.0), ("p1", "q1", 3, "d", 0.5),
+        ("p2", "q2", 0, "e", 0.3), ("p2", "q2", 1, "f", 0.3),
+    ])
+    every, ties = make_pairs(df, "all")
+    # p1: 6 pairs of 4 samples minus the one tie (a, d); p2 ties throughout.
+    assert ties == 1 and len(every) == 5
+    assert (every["margin_explicit"] > 0).all()
+    assert set(zip(every["chosen_sample_idx"], every["rejected_sample_idx"], strict=True)) == {(1, 0), (0, 2), (1, 2), (1, 3), (3, 2)}
+    assert len(make_pairs(df, "all", min_margin=0.5)[0]) == 1  # only b vs c differs by more than 0.5
+    seen = set()
+    for seed in range(30):
+        pairs, ties = make_pairs(df, "best_random", seed=seed)
+        assert ties == 1 and pairs["chosen_sample_idx"].tolist() == [1]
+        seen.add(int(pairs["rejected_sample_idx"].iloc[0]))
+        assert make_pairs(df, "best_random", seed=seed)[0].equals(pairs)  # seeded
+    assert seen == {0, 2, 3}  # any lower-reward sample, not only the worst
+
+
+def test_select_several_pairs_per_prompt_keeps_them_apart():
+    pairs = pd.DataFrame({"prompt_id": ["a", "a", "b"], "chosen_sample_idx": [1, 1, 0], "rejected_sample_idx": [0, 2, 1],
+                          "margin_explicit": [0.2, 0.9, 0.5], "margin_implicit": [0.0, 0.0, 0.0]})
+    out = select(pairs, "explicit", top_k=2)
+    assert list(zip(out["prompt_id"], out["rejected_sample_idx"], strict=True)) == [("a", 2), ("b", 1)]
+
+
+def test_compare_arms_parse():
+    from selfplay.compare import parse_arm
+    from selfplay.errors import SelfplayError
+
+    assert parse_arm("map") == {"metric": "map"}
+    assert parse_arm("map-auto") == {"metric": "map", "weight": "auto"}
+    assert parse_arm("map-w2.5-signed") == {"metric": "map", "weight": 2.5, "signed": True}
+    assert parse_arm("real") == {"metric": "real"}
+    for bad in ("mapp", "random-auto", "map-wheavy", "map-fast"):
+        with pytest.raises(SelfplayError, match="compare.arms"):
+            parse_arm(bad)

@@ -12,6 +12,8 @@ Alone:   selfplay stage eval round=R
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,11 +33,46 @@ def OUTPUTS(r: int) -> tuple[str, ...]:  # noqa: N802 — the runner reads OUTPU
     return ("eval.json", "eval_generations.parquet", *base)
 
 
-def requires(r: int) -> list[tuple[int, str]]:
+def requires(r: int, cfg=None) -> list[tuple[int, str]]:
     return [(r, "train")] + ([(0, "eval")] if r > 0 else [])
 
 
-def generate_and_score(ctx, policy_path, prompts: pd.DataFrame, scorer, label: str) -> pd.DataFrame:
+def generate_and_score(ctx, policy_path, prompts: pd.DataFrame, scorer, label: str,
+                       cache: Path | None = None) -> pd.DataFrame:
+    """The policy's held-out responses, scored. With `cache`, the responses are taken from (or saved to) that file;
+    the rewards are always computed again, so a changed reward function never reads stale scores."""
+    if cache is not None and cache.is_file():
+        frame = pd.read_parquet(cache)
+        ctx.stats["base_generations_from_cache"] = True
+    else:
+        frame = _generate(ctx, policy_path, prompts, label)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.parent / f".{cache.name}.tmp-{os.getpid()}"
+            frame.to_parquet(tmp, index=False)
+            tmp.replace(cache)
+    frame["reward"] = scorer(frame, desc=f"{label} score").to_numpy()
+    return frame
+
+
+def base_cache(ctx, prompts: pd.DataFrame) -> Path:
+    """Where π_0's held-out responses are kept for every run under output_root with the same base model, held-out
+    prompts and decoding: they depend on nothing a run's selection or training changes (a sweep or experiment=compare
+    generates them once). Keyed by the base model's files, the eval config view, the device and selfplay's version;
+    `rm -r <output_root>/.cache` clears it."""
+    from .. import __version__
+    from ..manifest import fingerprint
+    from ..pipeline import _policy_fingerprint, config_view
+
+    cfg = ctx.cfg
+    keys = tuple(k for k in CONFIG if k != "reward" and not (k == "seed" and cfg.eval.greedy))
+    key = fingerprint({"policy": _policy_fingerprint(cfg), "config": config_view(cfg, keys),
+                       "prompts": prompts[["prompt_id", "prompt"]].astype(str).values.tolist(),
+                       "device": str(ctx.device), "selfplay": __version__})
+    return Path(cfg.output_root) / ".cache" / "eval_base" / f"{key}.parquet"
+
+
+def _generate(ctx, policy_path, prompts: pd.DataFrame, label: str) -> pd.DataFrame:
     cfg = ctx.cfg
     sampler = build_sampler(cfg, policy_path, ctx.device)
     spec = SamplingSpec(n=cfg.eval.samples, max_new_tokens=cfg.sampler.max_new_tokens,
@@ -45,9 +82,7 @@ def generate_and_score(ctx, policy_path, prompts: pd.DataFrame, scorer, label: s
                         # vllm: the engine batches by itself; small chunks would only add drains
                         batch_size=cfg.sampler.batch_size if cfg.sampler.backend == "vllm" else cfg.eval.batch_size)
     completions = sampler.generate(list(prompts["prompt"]), spec, desc=label, keys=[str(k) for k in prompts["prompt_id"]])
-    frame = completions_frame(prompts, completions)
-    frame["reward"] = scorer(frame, desc=f"{label} score").to_numpy()
-    return frame
+    return completions_frame(prompts, completions)
 
 
 def win_rate(policy: pd.DataFrame, base: pd.DataFrame) -> dict[str, float]:
@@ -63,7 +98,7 @@ def run(ctx) -> None:
     prompts = heldout_prompts(ctx.cfg)
     scorer = build_scorer(ctx.cfg, ctx.device)
     if ctx.round == 0:
-        base = generate_and_score(ctx, ctx.policy_path(0), prompts, scorer, "eval π_0")
+        base = generate_and_score(ctx, ctx.policy_path(0), prompts, scorer, "eval π_0", cache=base_cache(ctx, prompts))
         base.to_parquet(ctx.out / "eval_base_generations.parquet", index=False)
     else:
         base = ctx.read_parquet("eval_base_generations.parquet", r=0)

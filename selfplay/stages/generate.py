@@ -34,7 +34,7 @@ CONFIG = ("model.dtype", "model.trust_remote_code", "seed", "sampler.backend", "
           "sampler.overlong_prompts")
 
 
-def requires(r: int) -> list[tuple[int, str]]:
+def requires(r: int, cfg=None) -> list[tuple[int, str]]:
     return [(r, "prompts")] + ([(r - 1, "train")] if r > 0 else [])
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..batching import token_budget_batches
-from ..chat import template_sha256, training_tokens
+from ..chat import template_sha256, token_format, training_tokens
 from ..errors import SelfplayError
 from ..logprobs import TokenPairs, completion_logps
 from ..modeling import load_causal_lm, load_tokenizer, resolve_model_path
@@ -31,10 +31,10 @@ log = logging.getLogger("selfplay")
 
 OUTPUTS = ("pairs.parquet",)
 CONFIG = ("model.reference", "model.dtype", "model.trust_remote_code", "margin", "trainer.objective",
-          "trainer.max_length", "trainer.bf16")
+          "trainer.mmpo_logits", "trainer.max_length", "trainer.bf16")
 
 
-def requires(r: int) -> list[tuple[int, str]]:
+def requires(r: int, cfg=None) -> list[tuple[int, str]]:
     return [(r, "pair")] + ([(r - 1, "train")] if r > 0 else [])
 
 
@@ -70,7 +70,7 @@ def score_model(model_path, responses: pd.DataFrame, cfg, device, desc: str,
     from ..vllm_engine import ITEMS_PER_CALL
 
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    sequences = TokenPairs(training_tokens(tokenizer, p, r, cfg.trainer.objective, cfg.trainer.max_length)
+    sequences = TokenPairs(training_tokens(tokenizer, p, r, token_format(cfg.trainer), cfg.trainer.max_length)
                            for p, r in zip(responses["prompt"], responses["response"], strict=True))
     if cfg.margin.backend == "vllm":
         lo, hi = shard_span(len(sequences), ITEMS_PER_CALL, *shard)
@@ -119,10 +119,28 @@ def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
         responses[f"{prefix}logp_sum"] = mine["logp_sum"].to_numpy()
         if model == "policy":
             responses["n_tokens"] = mine["n_tokens"].to_numpy()
-    sums, counts = responses["logp_sum"].to_numpy(), responses["n_tokens"].to_numpy()
-    responses["logp_mean"] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    template = part_stats[0]["chat_template_sha256"]
+    pairs = with_margins(pairs, responses, cfg)
+    # A completion truncated to nothing (prompt ≥ trainer.max_length) has no margin and cannot be trained on.
+    empty = (pairs["n_tokens_chosen"] == 0) | (pairs["n_tokens_rejected"] == 0)
+    if empty.any():
+        log.warning("round %d: %d pairs dropped: prompt fills trainer.max_length=%d", ctx.round, int(empty.sum()),
+                    cfg.trainer.max_length)
+        pairs = pairs[~empty].reset_index(drop=True)
+    pairs.to_parquet(ctx.out / "pairs.parquet", index=False)
+    ctx.stats.update(pairs=len(pairs), responses_scored=len(responses), dropped_truncated=int(empty.sum()),
+                     tokens=int(responses["n_tokens"].sum()), chat_template_sha256=part_stats[0]["chat_template_sha256"],
+                     form="dpo" if cfg.model.reference else "simpo",
+                     # policy–judge agreement: share of pairs π_r already orders like the judge (Δim > 0)
+                     implicit_agrees_with_judge=round(float((pairs["margin_implicit"] > 0).mean()), 4) if len(pairs) else None,
+                     mean_margin_implicit=round(float(pairs["margin_implicit"].mean()), 4) if len(pairs) else None)
 
+
+def with_margins(pairs: pd.DataFrame, responses: pd.DataFrame, cfg) -> pd.DataFrame:
+    """The pairs with each side's log-prob sum/mean/token count (responses: unique_responses + logp_sum, n_tokens,
+    and ref_logp_sum with a reference model) and the implicit margin Δim of the configured form."""
+    pairs = pairs.copy()
+    sums, counts = responses["logp_sum"].to_numpy(), responses["n_tokens"].to_numpy()
+    responses = responses.assign(logp_mean=np.where(counts > 0, sums / np.maximum(counts, 1), np.nan))
     keyed = responses.set_index(["prompt_id", "sample_idx"])
     for side in ("chosen", "rejected"):
         rows = keyed.loc[list(zip(pairs["prompt_id"], pairs[f"{side}_sample_idx"], strict=True))]
@@ -138,17 +156,18 @@ def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
     else:
         rho_chosen, rho_rejected = pairs["logp_chosen_mean"], pairs["logp_rejected_mean"]
     pairs["margin_implicit"] = rho_chosen - rho_rejected
+    return pairs
 
-    # A completion truncated to nothing (prompt ≥ trainer.max_length) has no margin and cannot be trained on.
-    empty = (pairs["n_tokens_chosen"] == 0) | (pairs["n_tokens_rejected"] == 0)
-    if empty.any():
-        log.warning("round %d: %d pairs dropped: prompt fills trainer.max_length=%d", ctx.round, int(empty.sum()),
-                    cfg.trainer.max_length)
-        pairs = pairs[~empty].reset_index(drop=True)
-    pairs.to_parquet(ctx.out / "pairs.parquet", index=False)
-    ctx.stats.update(pairs=len(pairs), responses_scored=len(responses), dropped_truncated=int(empty.sum()),
-                     tokens=int(counts.sum()), chat_template_sha256=template,
-                     form="dpo" if cfg.model.reference else "simpo",
-                     # policy–judge agreement: share of pairs π_r already orders like the judge (Δim > 0)
-                     implicit_agrees_with_judge=round(float((pairs["margin_implicit"] > 0).mean()), 4) if len(pairs) else None,
-                     mean_margin_implicit=round(float(pairs["margin_implicit"].mean()), 4) if len(pairs) else None)
+
+def compute_margins(pairs: pd.DataFrame, cfg, policy_path, device, desc: str) -> pd.DataFrame:
+    """The whole margin stage in this process for pairs from anywhere (offline selection, accumulated earlier
+    pairs): every distinct response scored once under the policy (and the reference model), then with_margins."""
+    responses = unique_responses(pairs)
+    policy, _ = score_model(policy_path, responses, cfg, device, desc, (0, 1))
+    policy = policy.set_index("row").sort_index()
+    responses["logp_sum"], responses["n_tokens"] = policy["logp_sum"].to_numpy(), policy["n_tokens"].to_numpy()
+    if cfg.model.reference:
+        reference, _ = score_model(resolve_model_path(cfg.model.reference), responses, cfg, device,
+                                   f"{desc} reference", (0, 1))
+        responses["ref_logp_sum"] = reference.set_index("row").sort_index()["logp_sum"].to_numpy()
+    return with_margins(pairs, responses, cfg)

@@ -1,4 +1,8 @@
-"""pair — per prompt, chosen = highest reward, rejected = lowest; ties dropped and counted.
+"""pair — preference pairs from each prompt's scored samples; ties dropped and counted.
+
+Strategies (pair.strategy): best_worst (default: chosen = highest reward, rejected = lowest), best_random (chosen
+= highest, rejected = a seeded random sample with a lower reward), all (every two samples whose rewards differ by
+more than pair.min_margin, the higher one chosen).
 
 Input:   round_XX/scores/part-*.parquet
 Output:  round_XX/candidate_pairs.parquet
@@ -9,15 +13,17 @@ Alone:   selfplay stage pair round=R
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from ..chat import prompt_messages, response_messages
+from ..config import round_seed
 
 OUTPUTS = ("candidate_pairs.parquet",)
-CONFIG = ("pair",)
+CONFIG = ("pair", "seed")
 
 
-def requires(r: int) -> list[tuple[int, str]]:
+def requires(r: int, cfg=None) -> list[tuple[int, str]]:
     return [(r, "score")]
 
 
@@ -37,28 +43,52 @@ def best_vs_worst(scores: pd.DataFrame, min_margin: float = 0.0) -> tuple[pd.Dat
         if margin <= min_margin:
             ties += 1
             continue
-        rows.append(
-            {
-                "prompt_id": prompt_id,
-                "prompt": prompt_messages(best["prompt"]),
-                "chosen": response_messages(best["response"]),
-                "rejected": response_messages(worst["response"]),
-                "chosen_sample_idx": int(best["sample_idx"]),
-                "rejected_sample_idx": int(worst["sample_idx"]),
-                "reward_chosen": float(best["reward"]),
-                "reward_rejected": float(worst["reward"]),
-                "margin_explicit": margin,
-            }
-        )
-    columns = ["prompt_id", "prompt", "chosen", "rejected", "chosen_sample_idx", "rejected_sample_idx",
-               "reward_chosen", "reward_rejected", "margin_explicit"]
-    return pd.DataFrame(rows, columns=columns), ties
+        rows.append(_pair_row(prompt_id, best, worst))
+    return pd.DataFrame(rows, columns=COLUMNS), ties
+
+
+COLUMNS = ["prompt_id", "prompt", "chosen", "rejected", "chosen_sample_idx", "rejected_sample_idx",
+           "reward_chosen", "reward_rejected", "margin_explicit"]
+
+
+def _pair_row(prompt_id, better: pd.Series, worse: pd.Series) -> dict:
+    return {"prompt_id": prompt_id, "prompt": prompt_messages(better["prompt"]),
+            "chosen": response_messages(better["response"]), "rejected": response_messages(worse["response"]),
+            "chosen_sample_idx": int(better["sample_idx"]), "rejected_sample_idx": int(worse["sample_idx"]),
+            "reward_chosen": float(better["reward"]), "reward_rejected": float(worse["reward"]),
+            "margin_explicit": float(better["reward"] - worse["reward"])}
+
+
+def make_pairs(scores: pd.DataFrame, strategy: str = "best_worst", min_margin: float = 0.0,
+               seed: int = 0) -> tuple[pd.DataFrame, int]:
+    """Pairs by `strategy`; returns (pairs, prompts that gave none: all their samples within min_margin)."""
+    if strategy == "best_worst":
+        return best_vs_worst(scores, min_margin)
+    rng = np.random.default_rng(seed)
+    rows, ties = [], 0
+    for prompt_id, group in scores.groupby("prompt_id", sort=True):
+        group = group.sort_values("sample_idx").reset_index(drop=True)
+        before = len(rows)
+        if strategy == "best_random":
+            best = group.loc[group["reward"].idxmax()]
+            lower = group[best["reward"] - group["reward"] > min_margin]
+            if len(lower):
+                rows.append(_pair_row(prompt_id, best, lower.iloc[int(rng.integers(len(lower)))]))
+        else:  # all: i before j in sample order, the higher reward chosen
+            for i in range(len(group)):
+                for j in range(i + 1, len(group)):
+                    a, b = group.iloc[i], group.iloc[j]
+                    if abs(a["reward"] - b["reward"]) > min_margin:
+                        rows.append(_pair_row(prompt_id, *((a, b) if a["reward"] > b["reward"] else (b, a))))
+        ties += len(rows) == before
+    return pd.DataFrame(rows, columns=COLUMNS), ties
 
 
 def run(ctx) -> None:
     scores = ctx.read_parquet("scores")
-    pairs, ties = best_vs_worst(scores, ctx.cfg.pair.min_margin)
+    pairs, ties = make_pairs(scores, ctx.cfg.pair.strategy, ctx.cfg.pair.min_margin,
+                             seed=round_seed(ctx.cfg.seed, ctx.round))
     pairs.to_parquet(ctx.out / "candidate_pairs.parquet", index=False)
     n_prompts = int(scores["prompt_id"].nunique())
-    ctx.stats.update(prompts=n_prompts, pairs=len(pairs), ties_dropped=ties,
+    ctx.stats.update(prompts=n_prompts, pairs=len(pairs), ties_dropped=ties, strategy=ctx.cfg.pair.strategy,
                      mean_margin_explicit=round(float(pairs["margin_explicit"].mean()), 4) if len(pairs) else None)

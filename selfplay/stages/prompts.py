@@ -25,7 +25,7 @@ CONFIG = ("prompts", "seed")
 HELDOUT_SEED = 20_250_302  # fixed, so every run and seed is evaluated on the same held-out prompts
 
 
-def requires(r: int) -> list[tuple[int, str]]:
+def requires(r: int, cfg=None) -> list[tuple[int, str]]:
     return []
 
 

@@ -21,7 +21,7 @@ OUTPUTS = ("scores",)
 CONFIG = ("reward", "model.trust_remote_code")
 
 
-def requires(r: int) -> list[tuple[int, str]]:
+def requires(r: int, cfg=None) -> list[tuple[int, str]]:
     return [(r, "generate")]
 
 

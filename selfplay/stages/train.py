@@ -6,6 +6,8 @@ Objectives (trainer.objective):
   dpo    TRL's DPOTrainer, reference = π_r (or model.reference). The reference log-probs are the margin stage's
          teacher-forced sums over the same token ids, so no reference model is loaded or run here.
   simpo  TRL's CPOTrainer with loss_type=simpo, cpo_alpha=0 (reference-free, length-normalised, margin γ).
+  mmpo   MMPO (arXiv 2410.03145): −p·log σ(βh) − (1−p)·log σ(−βh) with a soft label p = σ(γ_m·Δex) per pair, on the
+         logit h of DPO (reference log-probs reused as above) or SimPO (trainer.mmpo_logits); p = 1 is plain DPO/SimPO.
 Logging: logger=tensorboard|wandb passes the trainer's own metrics (loss, rewards, margins per step) through TRL's
          report_to into the run's tracker (selfplay/tracking.py); logger=none reports nowhere.
 Scale:   trainer.distributed=ddp|fsdp|deepspeed_zero3 runs it through `accelerate launch` on every GPU of the
@@ -23,6 +25,7 @@ import os
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
@@ -40,7 +43,7 @@ OUTPUTS = ("policy",)
 CONFIG = ("trainer", "model.reference", "model.dtype", "model.trust_remote_code", "seed")
 
 
-def requires(r: int) -> list[tuple[int, str]]:
+def requires(r: int, cfg=None) -> list[tuple[int, str]]:
     return [(r, "select")] + ([(r - 1, "train")] if r > 0 else [])
 
 
@@ -63,6 +66,113 @@ def _dpo_trainer_class():
             return super()._precompute_ref_logps(dataset, name, batch_size)
 
     return PrecomputedReferenceDPOTrainer
+
+
+def soft_labels(margin_explicit, gamma: float) -> np.ndarray:
+    """MMPO's soft label per pair, p = σ(γ_m·Δex): how sure the judge's reward margin Δex ≥ 0 makes `chosen ≻
+    rejected` (½ at a tie, → 1 as the margin grows)."""
+    return 1.0 / (1.0 + np.exp(-gamma * np.asarray(margin_explicit, dtype=np.float64)))
+
+
+def mmpo_loss(logits, soft_label, beta: float):
+    """MMPO's loss per pair: the cross-entropy of σ(β·h) against the soft label p, −p·log σ(βh) − (1−p)·log σ(−βh).
+    It is the cDPO label-smoothing form with ε = 1 − p; p = 1 gives the plain sigmoid loss of DPO/SimPO."""
+    import torch.nn.functional as F
+
+    return -soft_label * F.logsigmoid(beta * logits) - (1 - soft_label) * F.logsigmoid(-beta * logits)
+
+
+class _SoftLabelCollator:
+    """TRL's preference collator plus each pair's `soft_label`, in the batch's row order."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        import torch
+
+        batch = self.collator(examples)
+        batch["soft_label"] = torch.tensor([example["soft_label"] for example in examples], dtype=torch.float32)
+        return batch
+
+
+class _FirstOutput:
+    """The model, keeping the output of its first call: TRL's forward of the batch, whose log-probs give h."""
+
+    def __init__(self, model):
+        self.model, self.outputs = model, None
+
+    def __call__(self, *args, **kwargs):
+        outputs = self.model(*args, **kwargs)
+        if self.outputs is None:
+            self.outputs = outputs
+        return outputs
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def _mmpo_dpo_trainer_class():
+    base = _dpo_trainer_class()
+
+    class MMPODPOTrainer(base):
+        """MMPO on DPO's logit h = log π(yw)/π_ref(yw) − log π(yl)/π_ref(yl). TRL's _compute_loss runs the forward
+        and logs its metrics; the loss is then mmpo_loss on h, from the same forward's log-probs summed as TRL sums
+        them. Each pair's `soft_label` travels as a dataset column (kept as a signature column) through the collator
+        to the loss; the reference log-probs are always in the batch (the margin stage's, or TRL's precompute)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # The loss below stands in for TRL's plain sigmoid loss: nothing else TRL adds to it may be on.
+            if not (self.precompute_ref_logps and self.loss_types == ["sigmoid"] and self.ld_alpha is None
+                    and self.f_divergence_type == "reverse_kl" and not self.use_weighting):
+                raise ValueError("MMPO on DPO logits needs precompute_ref_log_probs and TRL's plain sigmoid loss")
+            self.data_collator = _SoftLabelCollator(self.data_collator)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "soft_label" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "soft_label"]
+
+        def compute_ref_log_probs(self, model, inputs):
+            return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != "soft_label"})
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            soft_label = inputs["soft_label"]
+            inputs = {k: v for k, v in inputs.items() if k != "soft_label"}
+            forward = _FirstOutput(model)
+            result = super()._compute_loss(forward, inputs, return_outputs)
+            seq_len = inputs["completion_mask"].size(1) - 1
+            logps = forward.outputs.log_probs[:, -seq_len:].sum(dim=1)  # zero off the completion, as TRL sums them
+            chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # batch is [chosen, rejected]
+            logits = (chosen_logps - inputs["ref_chosen_logps"]) - (rejected_logps - inputs["ref_rejected_logps"])
+            loss = mmpo_loss(logits, soft_label.to(logits.device), self.beta).mean()
+            if self.aux_loss_enabled:
+                loss = loss + self.router_aux_loss_coef * forward.outputs.aux_loss
+            return (loss, result[1]) if return_outputs else loss
+
+    return MMPODPOTrainer
+
+
+def _mmpo_cpo_trainer_class():
+    from trl.experimental.cpo import CPOTrainer
+
+    class MMPOCPOTrainer(CPOTrainer):
+        """MMPO on SimPO's logit h = mean log π(yw) − mean log π(yl) − γ/β. TRL's SimPO loss is the label-smoothing
+        form −(1−ε)·log σ(βh) − ε·log σ(−βh), i.e. mmpo_loss with ε = 1 − p, so each batch sets ε per pair from its
+        `soft_label`, which TRL's collator passes through as a list in the batch's row order."""
+
+        def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+            import torch
+
+            soft_label = torch.as_tensor(batch["soft_label"], dtype=torch.float32, device=self.accelerator.device)
+            self.label_smoothing = 1 - soft_label
+            try:
+                return super().get_batch_loss_metrics(model, batch, train_eval)
+            finally:
+                self.label_smoothing = 0.0
+
+    return MMPOCPOTrainer
 
 
 def common_args(cfg, output_dir: str, report_to: str | list[str] = "none") -> dict:
@@ -101,13 +211,17 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
     from datasets import Dataset
 
     peft = lora_config(cfg) if t.peft == "lora" else None
-    if t.objective == "simpo":
+    mmpo = t.objective == "mmpo"
+    if mmpo:
+        columns["soft_label"] = soft_labels(selected["margin_explicit"], t.gamma).tolist()
+    if t.objective == "simpo" or (mmpo and t.mmpo_logits == "simpo"):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
         args = CPOConfig(**common_args(cfg, output_dir, report_to), loss_type="simpo", cpo_alpha=0.0,
-                         simpo_gamma=t.gamma)
-        return CPOTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), processing_class=tokenizer,
-                          peft_config=peft)
+                         simpo_gamma=t.simpo_gamma if mmpo else t.gamma)
+        trainer_class = _mmpo_cpo_trainer_class() if mmpo else CPOTrainer
+        return trainer_class(model=model, args=args, train_dataset=Dataset.from_dict(columns),
+                             processing_class=tokenizer, peft_config=peft)
 
     from trl import DPOConfig
 
@@ -120,9 +234,11 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
 
         ref_model = load_causal_lm(resolve_model_path(cfg.model.reference), cfg.model.dtype, model.device,
                                    cfg.model.trust_remote_code)
-    args = DPOConfig(**common_args(cfg, output_dir, report_to), precompute_ref_log_probs=reuse)
-    return _dpo_trainer_class()(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(columns),
-                                processing_class=tokenizer, peft_config=peft)
+    # MMPO reads the reference log-probs from the batch: without reuse, TRL precomputes them from the same reference.
+    args = DPOConfig(**common_args(cfg, output_dir, report_to), precompute_ref_log_probs=reuse or mmpo)
+    trainer_class = _mmpo_dpo_trainer_class() if mmpo else _dpo_trainer_class()
+    return trainer_class(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(columns),
+                         processing_class=tokenizer, peft_config=peft)
 
 
 def _fault_points(round_name: str):
@@ -183,6 +299,8 @@ def train_policy(cfg, run_dir: Path, r: int, out: Path, checkpoint_dir: Path) ->
                 train_seconds=round(result.metrics.get("train_runtime", 0.0), 2), objective=cfg.trainer.objective,
                 resumed_from_step=int(resume.name.rsplit("-", 1)[-1]) if resume is not None else None,
                 distributed=cfg.trainer.distributed, world_size=world, peft=cfg.trainer.peft,
+                mean_soft_label=round(float(soft_labels(selected["margin_explicit"], cfg.trainer.gamma).mean()), 4)
+                if cfg.trainer.objective == "mmpo" else None,
                 chat_template_sha256=template_sha256(tokenizer))
 
 
