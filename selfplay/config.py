@@ -51,6 +51,17 @@ class PromptsConfig:
     # What an invalid prompt (empty, not text, over max_prompt_tokens) does: fail (one error naming the row) or
     # skip (dropped before rounds and held-out rows are taken; the counts go to the prompts stage's manifest).
     invalid: str = "fail"
+    # Prompt evolution (selfplay/evolve.py): the round's policy rewrites this many of the round's prompts into harder
+    # variants that join them (0: off). Sampled with the sampler's temperature/top-p.
+    evolve: int = 0
+    # Rewrites whose length (characters) changes by more than this factor, either way, are dropped.
+    evolve_max_length_ratio: float = 5.0
+    # Longest rewrite in tokens.
+    evolve_max_new_tokens: int = 96
+    # What the policy is asked; {prompt} becomes the task to rewrite.
+    evolve_instruction: str = ("Rewrite the following task so that it is harder to do well: add a requirement, ask for "
+                               "more depth, or make it more specific. Keep it one self-contained task of similar "
+                               "length. Reply with the rewritten task only.\n\nTask: {prompt}")
 
 
 @dataclass
@@ -356,6 +367,15 @@ def validate(cfg: Any) -> None:
     _require(cfg.prompts.eval_count >= 1, "prompts.eval_count", f"must be ≥ 1, got {cfg.prompts.eval_count}")
     _require(cfg.prompts.invalid in ("fail", "skip"), "prompts.invalid",
              f"must be fail or skip, got {cfg.prompts.invalid!r}")
+    _require(0 <= cfg.prompts.evolve <= cfg.prompts.per_round, "prompts.evolve",
+             f"must be in [0, prompts.per_round={cfg.prompts.per_round}], got {cfg.prompts.evolve}")
+    if cfg.prompts.evolve:
+        _require(cfg.prompts.evolve_max_length_ratio >= 1, "prompts.evolve_max_length_ratio",
+                 f"must be ≥ 1, got {cfg.prompts.evolve_max_length_ratio}")
+        _require(cfg.prompts.evolve_max_new_tokens >= 1, "prompts.evolve_max_new_tokens",
+                 f"must be ≥ 1, got {cfg.prompts.evolve_max_new_tokens}")
+        _require("{prompt}" in cfg.prompts.evolve_instruction, "prompts.evolve_instruction",
+                 "must contain {prompt} (where the task to rewrite goes)")
     if cfg.prompts.max_prompt_tokens is not None:
         _require(cfg.prompts.max_prompt_tokens >= 1, "prompts.max_prompt_tokens",
                  f"must be ≥ 1 or null, got {cfg.prompts.max_prompt_tokens}")
@@ -404,10 +424,11 @@ def validate(cfg: Any) -> None:
         # A round's pool has at most one pair per prompt (n(n−1)/2 with pair.strategy=all): a larger top_k can never
         # be met.
         per_prompt = cfg.sampler.n * (cfg.sampler.n - 1) // 2 if cfg.pair.strategy == "all" else 1
-        _require(sel.metric == "all" or sel.top_k <= cfg.prompts.per_round * per_prompt, "selection.top_k",
+        round_prompts = cfg.prompts.per_round + cfg.prompts.evolve
+        _require(sel.metric == "all" or sel.top_k <= round_prompts * per_prompt, "selection.top_k",
                  f"{sel.top_k} is larger than the pool can be (at most {per_prompt} pair(s) per prompt with "
-                 f"pair.strategy={cfg.pair.strategy}, prompts.per_round={cfg.prompts.per_round}); lower it, use "
-                 "selection.ratio, or raise prompts.per_round")
+                 f"pair.strategy={cfg.pair.strategy}, {round_prompts} prompts a round from prompts.per_round + "
+                 "prompts.evolve); lower it, use selection.ratio, or raise prompts.per_round")
     if sel.ratio is not None:
         _require(0 < sel.ratio <= 1, "selection.ratio", f"must be in (0, 1], got {sel.ratio}")
     t = cfg.trainer

@@ -126,7 +126,7 @@ def _input_fingerprints(cfg: DictConfig, run_dir: Path, stage: str, r: int, veri
         if verify:
             mf.verify_outputs(round_dir(run_dir, up_round), manifest, f"round_{up_round:02d}/{up_stage}.done.json")
         inputs[f"round_{up_round:02d}/{up_stage}"] = manifest["fingerprint"]
-    if r == 0 and stage in ("generate", "margin", "train", "eval"):
+    if r == 0 and (stage in ("generate", "margin", "train", "eval") or (stage == "prompts" and cfg.prompts.evolve)):
         # The base policy is an input of round 0's stages that run it; later rounds inherit it through round 0.
         inputs["base_policy"] = _policy_fingerprint(cfg)
     return inputs

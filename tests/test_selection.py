@@ -192,3 +192,22 @@ def test_compare_arms_parse():
     for bad in ("mapp", "random-auto", "map-wheavy", "map-fast"):
         with pytest.raises(SelfplayError, match="compare.arms"):
             parse_arm(bad)
+
+
+def test_prompt_evolution_filters_and_cleaning():
+    from selfplay.evolve import clean_rewrite, keep_rewrites, split_rewritable
+
+    assert clean_rewrite('Rewritten task: "Explain recycling to a chemist."\n\nThis version is harder because…') == \
+        "Explain recycling to a chemist."
+    assert clean_rewrite("**Task:** Write a sonnet.") == "Write a sonnet."
+    assert split_rewritable("Explain X.\nUse no commas.\nEnd with Bye.", builtin=True) == \
+        ("Explain X.", "\nUse no commas.\nEnd with Bye.")
+    assert split_rewritable("Explain X.\nMore.", builtin=False) == ("Explain X.\nMore.", "")
+    heads = ["Explain recycling.", "Explain recycling.", "Write a poem.", "Describe a cat.", "Sum 2 and 2.", "Plan a trip."]
+    tails = ["\nNo commas.", "\nNo commas.", "", "", "", ""]
+    rewrites = ["Explain recycling to experts, with costs.", "Explain recycling to experts, with costs.", "",
+                "Describe a cat.", "Sum two numbers and explain each step of the proof in full detail " * 3,
+                "Plan a three-day trip."]
+    kept, counts = keep_rewrites(heads, tails, rewrites, 5.0, existing={"Plan a three-day trip."})
+    assert kept == [0]
+    assert counts == {"evolve_empty": 1, "evolve_unchanged": 1, "evolve_length_ratio": 1, "evolve_duplicate": 2}

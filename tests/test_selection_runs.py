@@ -229,3 +229,25 @@ def test_mmpo_on_simpo_logits_through_the_whole_loop(tmp_path, tiny_policy, smol
     prompt, response = row["prompt"][0]["content"], row["chosen"][0]["content"]
     simpo = training_tokens(smol_tokenizer, prompt, response, "simpo", 256)[1]
     assert row["n_tokens_chosen"] == len(simpo) != len(training_tokens(smol_tokenizer, prompt, response, "dpo", 256)[1])
+
+
+def test_prompt_evolution_adds_rewrites_by_the_round_policy(tmp_path, tiny_policy):
+    proc = run_cli("run", *tiny_overrides(tmp_path, tiny_policy, None, run_name="evo"), "prompts.evolve=3",
+                   "prompts.evolve_max_length_ratio=1000")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in (0, 1):
+        rdir = tmp_path / "evo" / f"round_{r:02d}"
+        prompts = pd.read_parquet(rdir / "prompts.parquet")
+        evolved = prompts[prompts["evolved_from"].notna()]
+        manifest = json.loads((rdir / "prompts.done.json").read_text())
+        assert len(prompts) == 6 + len(evolved) and manifest["stats"]["evolved"] == len(evolved) > 0
+        originals = prompts.set_index("prompt_id").loc[evolved["evolved_from"]]
+        for new, old in zip(evolved["prompt"], originals["prompt"], strict=True):
+            # The task line is rewritten; the checkable constraints stay word for word (and in the judge's column).
+            assert new.split("\n", 1)[1] == old.split("\n", 1)[1] and new.split("\n", 1)[0] != old.split("\n", 1)[0]
+        assert evolved["constraints"].tolist() == originals["constraints"].tolist()
+        gens = pd.read_parquet(rdir / "generations")
+        assert set(evolved["prompt_id"]) <= set(gens["prompt_id"])
+        # Round 1's rewrites come from π_1: the prompts stage reads round 0's training.
+        assert ("round_00/train" in manifest["inputs"]) == (r == 1)
+        assert ("base_policy" in manifest["inputs"]) == (r == 0)

@@ -4,6 +4,8 @@ Output:  round_XX/prompts.parquet   prompt_id, prompt (+ any other columns of th
                                      receives them as keyword lists, e.g. the built-in judge's `constraints`)
 Source:  `prompts.source=builtin` draws fresh IFEval-style tasks each round (seeded by `seed` and the round);
          a file (.parquet/.jsonl/.json/.csv) is read in order, `prompts.per_round` rows a round, wrapping around.
+Evolve:  prompts.evolve=K: π_r rewrites K of them into harder variants that join the round (selfplay/evolve.py);
+         the stage then reads π_r (round r−1's train) and records the sampler keys it used.
 Alone:   selfplay stage prompts round=R
 """
 
@@ -21,12 +23,16 @@ from ..errors import InputError
 log = logging.getLogger("selfplay")
 
 OUTPUTS = ("prompts.parquet",)
-CONFIG = ("prompts", "seed")
+
+
+def CONFIG(cfg) -> tuple[str, ...]:  # noqa: N802 — the runner reads CONFIG from every stage
+    evolve = ("model.dtype", "model.trust_remote_code", "sampler.backend", "sampler.temperature", "sampler.top_p")
+    return ("prompts", "seed") + (evolve if cfg.prompts.evolve else ())
 HELDOUT_SEED = 20_250_302  # fixed, so every run and seed is evaluated on the same held-out prompts
 
 
 def requires(r: int, cfg=None) -> list[tuple[int, str]]:
-    return []
+    return [(r - 1, "train")] if cfg is not None and cfg.prompts.evolve and r > 0 else []
 
 
 def read_prompt_file(path: str, column: str, id_column: str | None, invalid: str = "fail",
@@ -147,4 +153,11 @@ def run(ctx) -> None:
     df = train_prompts(ctx.cfg, ctx.round)
     ctx.stats.update(rows=len(df), **df.attrs)  # files: skipped_empty, skipped_overlong (whole file)
     df.attrs.clear()
+    if ctx.cfg.prompts.evolve:
+        from ..evolve import evolve_prompts
+
+        evolved, counts = evolve_prompts(df, ctx.cfg, ctx.policy_path(), ctx.device, round_seed(ctx.cfg.seed, ctx.round),
+                                         label=f"round {ctx.round} evolve")
+        df = pd.concat([df.assign(evolved_from=None), evolved], ignore_index=True)
+        ctx.stats.update(rows=len(df), base_rows=len(df) - len(evolved), **counts)
     df.to_parquet(ctx.out / "prompts.parquet", index=False)
