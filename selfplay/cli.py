@@ -135,6 +135,19 @@ def _status(args: list[str]) -> int:
     if not run_dir.is_dir():
         print(f"selfplay status: no run directory {run_dir}", file=sys.stderr)
         return 2
+    from .compare import find_runs, is_comparison
+
+    if is_comparison(run_dir):  # experiment=compare: every arm × seed run
+        runs = find_runs(run_dir)
+        if as_json:
+            import json
+
+            print(json.dumps({f"{arm}/seed{seed}": json.loads(status_json(run_status(d, rounds)))
+                              for arm, seed, d in runs}, indent=2))
+        else:
+            print("\n\n".join(f"== {arm} seed {seed} ({d})\n{format_status(run_status(d, rounds))}"
+                                for arm, seed, d in runs) or f"{run_dir}: no run has started yet")
+        return 0
     status = run_status(run_dir, rounds)
     print(status_json(status) if as_json else format_status(status))
     return 0

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .errors import SelfplayError
 from .manifest import read_json, read_manifest, write_json_atomic
+from .shards import link_or_copy
 
 log = logging.getLogger("selfplay")
 
@@ -84,18 +85,14 @@ def adopt_round0(siblings: list[Path], run_dir: Path) -> list[str]:
         if source is None:
             break
         target.mkdir(parents=True, exist_ok=True)
-        for name in read_manifest(source, stage)["outputs"]:
-            src, dst = source / name, target / name
-            if dst.exists():
-                continue
+        # The outputs (anything already there is replaced: it has no manifest), then the manifest.
+        for name in [*read_manifest(source, stage)["outputs"], f"{stage}.done.json"]:
+            dst = target / name
             dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.parent / f".{dst.name}.adopt-{os.getpid()}"
-            os.link(src, tmp)
+            tmp = dst.parent / f".{dst.name}.tmp-adopt-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            link_or_copy(source / name, tmp)
             tmp.replace(dst)
-        for name in (f"{stage}.done.json",):
-            tmp = target / f".{name}.adopt-{os.getpid()}"
-            os.link(source / name, tmp)
-            tmp.replace(target / name)
         taken.append(stage)
     return taken
 
@@ -110,15 +107,14 @@ def run(cfg: DictConfig, run_dir: Path) -> Path:
     total = len(arms) * len(seeds)
     done = 0
     for seed in seeds:
-        finished: list[Path] = []
         for arm in arms:
             child_dir = run_dir / arm / f"seed{seed}"
-            taken = adopt_round0(finished, child_dir)
+            siblings = [run_dir / other / f"seed{seed}" for other in arms if other != arm]
+            taken = adopt_round0(siblings, child_dir)
             done += 1
             log.info("compare %d/%d: %s seed %d%s", done, total, arm, seed,
-                     f" (round 0 {', '.join(taken)} from {finished[0].parent.name})" if taken else "")
+                     f" (round 0 {', '.join(taken)} taken from another arm of seed {seed})" if taken else "")
             pipeline.run(arm_config(cfg, arm, seed), child_dir)
-            finished.append(child_dir)
             write_comparison(run_dir)
     return write_comparison(run_dir)
 

@@ -265,6 +265,10 @@ def compose(overrides: list[str]) -> Any:
     except (HydraException, OmegaConfBaseException) as err:
         raise SelfplayError(f"selfplay submit: {err}") from err
     validate(cfg)
+    if cfg.compare.arms:
+        raise SelfplayError("selfplay submit: experiment=compare runs its arms one after another in one process; on "
+                            "SLURM run them as a sweep (selfplay run -m selection.metric=map,random seed=0,1,2 "
+                            "hydra/launcher=submitit_slurm) and compare with selfplay report RUN RUN… --out DIR")
     return cfg
 
 

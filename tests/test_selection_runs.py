@@ -76,6 +76,8 @@ def test_compare_rerun_resumes_and_report_rebuilds(compare_run, tmp_path):
     proc = run_cli("run", *overrides)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert " running " not in proc.stderr and proc.stderr.count("skipped") >= 8 * 6
+    status = run_cli("status", str(cmp_dir))
+    assert status.returncode == 0 and status.stdout.count("8/8 stages complete") == 6 and "== real seed 1" in status.stdout
     (cmp_dir / "report.md").unlink()
     proc = run_cli("report", str(cmp_dir))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -89,23 +91,38 @@ def test_compare_rerun_resumes_and_report_rebuilds(compare_run, tmp_path):
     assert run_cli("report", str(tmp_path / "nowhere")).returncode == 2
 
 
-@pytest.mark.parametrize("arm,seed", [("map-auto", 1), ("real", 0), ("random", 1)])
-def test_offline_select_round_trips_a_rounds_selection(compare_run, tiny_policy, tmp_path, arm, seed):
+def test_offline_select_round_trips_a_rounds_selection(compare_run, tiny_policy, tmp_path):
+    """`selfplay select` on a round's candidate pairs, with the run's settings, keeps the round's own pairs (the command
+    once, then the same entry point in-process for the other metrics)."""
+    from hydra import compose, initialize_config_dir
+
+    from selfplay.cli import conf_dir
+    from selfplay.config import register
+    from selfplay.offline import select_dataset
+
     cmp_dir, _, _ = compare_run
-    rdir = cmp_dir / arm / f"seed{seed}" / "round_00"
-    metric, *weight = arm.split("-")
-    target = tmp_path / "kept.parquet"
-    proc = run_cli("select", str(rdir / "candidate_pairs.parquet"), str(target), f"model.path={tiny_policy}",
-                   "device=cpu", "trainer.max_length=256", f"selection.metric={metric}", "selection.top_k=3",
-                   "selection.ratio=null", f"seed={seed}", *(["selection.weight=auto"] if weight else []))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "kept 3 of" in proc.stdout
-    mine, theirs = pd.read_parquet(target), pd.read_parquet(rdir / "selected.parquet")
     key = ["prompt_id", "chosen_sample_idx", "rejected_sample_idx"]
-    assert mine[key].values.tolist() == theirs[key].values.tolist()
-    assert [m[0]["content"] for m in mine["chosen"]] == [m[0]["content"] for m in theirs["chosen"]]
-    np.testing.assert_allclose(mine["score"], theirs["score"], rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(mine["margin_implicit"], theirs["margin_implicit"], rtol=1e-6, atol=1e-9)
+    register()
+    for arm, seed in (("map-auto", 1), ("real", 0), ("random", 1)):
+        rdir = cmp_dir / arm / f"seed{seed}" / "round_00"
+        metric, *weight = arm.split("-")
+        target = tmp_path / f"{arm}.parquet"
+        overrides = [f"model.path={tiny_policy}", "device=cpu", "trainer.max_length=256", f"selection.metric={metric}",
+                     "selection.top_k=3", "selection.ratio=null", f"seed={seed}",
+                     *(["selection.weight=auto"] if weight else [])]
+        if arm == "map-auto":
+            proc = run_cli("select", str(rdir / "candidate_pairs.parquet"), str(target), *overrides)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "kept 3 of" in proc.stdout
+        else:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+                cfg = compose("config", overrides=overrides)
+            assert select_dataset(cfg, rdir / "candidate_pairs.parquet", target)["selected"] == 3
+        mine, theirs = pd.read_parquet(target), pd.read_parquet(rdir / "selected.parquet")
+        assert mine[key].values.tolist() == theirs[key].values.tolist(), arm
+        assert [m[0]["content"] for m in mine["chosen"]] == [m[0]["content"] for m in theirs["chosen"]]
+        np.testing.assert_allclose(mine["score"], theirs["score"], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(mine["margin_implicit"], theirs["margin_implicit"], rtol=1e-6, atol=1e-9)
 
 
 def test_offline_select_reads_ultrafeedback_style_and_scores_with_the_judge(tiny_policy, tmp_path):
@@ -251,3 +268,8 @@ def test_prompt_evolution_adds_rewrites_by_the_round_policy(tmp_path, tiny_polic
         # Round 1's rewrites come from π_1: the prompts stage reads round 0's training.
         assert ("round_00/train" in manifest["inputs"]) == (r == 1)
         assert ("base_policy" in manifest["inputs"]) == (r == 0)
+
+
+def test_submit_refuses_compare_with_the_sweep_to_use_instead(tmp_path):
+    proc = run_cli("submit", "--dry-run", "experiment=compare", f"output_root={tmp_path}")
+    assert proc.returncode == 2 and "hydra/launcher=submitit_slurm" in proc.stderr and "Traceback" not in proc.stderr
