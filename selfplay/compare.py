@@ -188,6 +188,7 @@ def _plots(compare_dir: Path, runs: pd.DataFrame, arms: list[str]) -> list[str]:
         offset = (i - len(arms) / 2) * 0.015  # arms side by side at each round
         ax.errorbar(xs + offset, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, label=arm)
     ax.set_xlabel("policy π_k (k = rounds trained)")
+    ax.set_xticks(range(int(runs["round"].max()) + 2))
     ax.set_ylabel("held-out reward")
     ax.set_title("held-out reward per round (mean over seeds; bars: min–max)")
     ax.grid(alpha=0.3)
