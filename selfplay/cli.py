@@ -46,7 +46,7 @@ def _app(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from . import pipeline
+    from . import pipeline, precision
     from .config import STAGES, validate
     from .errors import SelfplayError
     from .shards import SHARDED_STAGES
@@ -55,6 +55,7 @@ def _app(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate(cfg)
+        precision.resolve(cfg)  # auto → bf16 or fp32 on this machine, before any manifest records it
         OmegaConf.set_readonly(cfg, True)
         if _task["command"] in ("run", None):  # None: a sweep job started by a Hydra launcher (submitit) runs `run`
             if cfg.shard is not None:
@@ -165,6 +166,7 @@ def _select(args: list[str]) -> int:
     from .config import register, validate
     from .errors import SelfplayError
     from .offline import select_dataset
+    from .precision import resolve as resolve_precision
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     register()
@@ -172,6 +174,7 @@ def _select(args: list[str]) -> int:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose("config", overrides=args[2:])
         validate(cfg)
+        resolve_precision(cfg)
         OmegaConf.set_readonly(cfg, True)
         counts = select_dataset(cfg, Path(args[0]), Path(args[1]))
     except SelfplayError as err:

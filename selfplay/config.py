@@ -193,8 +193,10 @@ class TrainerConfig:
     lr_scheduler_type: str = "linear"
     # DPO (and mmpo on dpo logits): take π_r's reference log-probs from the margin stage instead of a reference pass.
     reuse_reference_logps: bool = True
-    # Train in bf16 autocast (GPU).
+    # Train (and rescore in the margin stage) in bf16 autocast even when precision=fp32; precision=bf16 implies it.
     bf16: bool = False
+    # Optimizer: any name transformers' TrainingArguments.optim takes (adamw_torch, adamw_torch_fused, sgd, …).
+    optim: str = "adamw_torch"
     # none (one process) | ddp | fsdp | deepspeed_zero3: through `accelerate launch` with conf/distributed/<name>.yaml,
     # over every GPU of the node(s) (selfplay/distributed.py). trainer.batch_size stays per process.
     distributed: str = "none"
@@ -298,6 +300,10 @@ class Config:
     seed: int = 0
     # torch device: auto | cpu | cuda | cuda:N.
     device: str = "auto"
+    # Compute precision of every stage that runs a model (selfplay/precision.py): auto (bf16 where the device has
+    # native bf16 matrix units — a CUDA GPU, a CPU with AMX-BF16 or AVX512-BF16 — else fp32) | bf16 (autocast; weights
+    # and optimizer master copy stay in model.dtype) | fp32. Resolved at start-up; manifests record bf16 or fp32.
+    precision: str = "auto"
     # `selfplay stage NAME round=R`: the round to run.
     round: int | None = None
     # `selfplay stage generate|score|margin round=R shard=i num_shards=n`: compute shard i of n (SLURM array task i);
@@ -357,10 +363,19 @@ def _require(ok: bool, option: str, message: str) -> None:
         raise ConfigError(f"{option}: {message}")
 
 
+def _optimizer_names() -> set[str]:
+    from transformers.training_args import OptimizerNames
+
+    return {o.value for o in OptimizerNames}
+
+
 def validate(cfg: Any) -> None:
     """Cross-field rules; raises ConfigError naming the option."""
     _require(cfg.rounds >= 1, "rounds", f"must be ≥ 1, got {cfg.rounds}")
     _require(run_name_problem(cfg.run_name) is None, "run_name", run_name_problem(cfg.run_name) or "")
+    from .precision import PRECISIONS
+
+    _require(cfg.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {cfg.precision!r}")
     _require(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {cfg.model.dtype!r}")
     _require(cfg.reward.dtype in DTYPES, "reward.dtype", f"must be one of {DTYPES}, got {cfg.reward.dtype!r}")
     _require(cfg.prompts.per_round >= 1, "prompts.per_round", f"must be ≥ 1, got {cfg.prompts.per_round}")
@@ -439,6 +454,9 @@ def validate(cfg: Any) -> None:
     if t.objective == "mmpo":
         _require(t.gamma > 0, "trainer.gamma", f"is MMPO's label temperature γ_m and must be > 0, got {t.gamma}")
     _require(t.learning_rate > 0, "trainer.learning_rate", f"must be > 0, got {t.learning_rate}")
+    optimizers = _optimizer_names()
+    _require(t.optim in optimizers, "trainer.optim", f"must be one of transformers' optimizers "
+             f"({', '.join(sorted(optimizers)[:12])}, …), got {t.optim!r}")
     _require(t.epochs >= 1, "trainer.epochs", f"must be ≥ 1, got {t.epochs}")
     _require(t.batch_size >= 1, "trainer.batch_size", f"must be ≥ 1, got {t.batch_size}")
     _require(t.max_length >= 16, "trainer.max_length", f"must be ≥ 16, got {t.max_length}")

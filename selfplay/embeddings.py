@@ -17,10 +17,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .batching import token_budget_batches
+from .precision import autocast, stage_bf16
 
 
 def _mean_pooled(forward, sequences: list[tuple[list[int], list[int]]], batches: list[list[int]], pad_id: int,
-                 device: Any, desc: str) -> np.ndarray:
+                 device: Any, desc: str, bf16: bool = False) -> np.ndarray:
     """Mean of `forward(ids, mask)`'s hidden states over each sequence's second part (the response)."""
     import torch
 
@@ -37,8 +38,9 @@ def _mean_pooled(forward, sequences: list[tuple[list[int], list[int]]], batches:
             mask[row, : len(prompt) + len(response)] = 1
             pooled[row, len(prompt) : len(prompt) + len(response)] = 1.0 / max(len(response), 1)
         with torch.inference_mode():
-            hidden = forward(ids.to(device), mask.to(device)).float()
-            means = torch.einsum("bt,bth->bh", pooled.to(device), hidden).cpu().numpy()
+            with autocast(bf16, device):
+                hidden = forward(ids.to(device), mask.to(device))
+            means = torch.einsum("bt,bth->bh", pooled.to(device), hidden.float()).cpu().numpy()  # pooling in fp32
         if out is None:
             out = np.zeros((len(sequences), means.shape[1]), dtype=np.float32)
         out[idx] = means
@@ -78,7 +80,7 @@ def response_embeddings(responses: pd.DataFrame, cfg, policy_path, device: Any, 
     batches = token_budget_batches([len(p) + len(r) for p, r in sequences], cfg.margin.batch_size,
                                    cfg.margin.max_batch_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return _mean_pooled(forward, sequences, batches, pad, device, desc)
+    return _mean_pooled(forward, sequences, batches, pad, device, desc, bf16=stage_bf16(cfg))
 
 
 def pair_similarity(pairs: pd.DataFrame, cfg, policy_path, device: Any, desc: str = "REAL embeddings") -> np.ndarray:

@@ -116,7 +116,65 @@ def _label_logps(plain: tuple[Any, Any], ids: Any, mask: Any, labels: Any, rows_
     wanted, rows = targets[scored], scored.nonzero()[:, 0]
     logps = torch.empty(len(wanted), dtype=torch.float32, device=ids.device)
     for start in range(0, len(wanted), rows_per_chunk):
-        logits = head(positions[start : start + rows_per_chunk]).float()
         chunk = wanted[start : start + rows_per_chunk]
-        logps[start : start + len(chunk)] = logits.gather(1, chunk[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        logps[start : start + len(chunk)] = _head_logps(head, positions[start : start + rows_per_chunk], chunk)[0]
     return torch.zeros(len(ids), dtype=torch.float32, device=ids.device).index_add_(0, rows, logps)
+
+
+def _head_logps(head: Any, positions: Any, labels: Any, stats: bool = False) -> tuple[Any, ...]:
+    """log p(label) = logit − logsumexp(logits) at each position, logits in fp32 (autocast computes the head's matmul
+    in bf16 where it is on, for the margin stage and the trainer alike); with stats also TRL's per-token metrics:
+    entropy, mean logit and whether the label is the argmax (no gradient)."""
+    import torch
+
+    logits = head(positions).float()
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(1, labels[:, None])[:, 0] - logsumexp
+    if not stats:
+        return (logps,)
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        entropy = logsumexp - (probs * logits).sum(-1)
+        return logps, entropy, logits.mean(-1), logits.argmax(-1) == labels
+
+
+def add_label_head(model: Any, rows_per_chunk: int = 1024) -> bool:
+    """For training on a CPU: make `model(..., labels=, fused_lm_head=True)` — the call TRL's DPOTrainer makes — run
+    the LM head only at the label positions, in chunks recomputed in the backward pass (memory of one chunk's
+    logits), and return what TRL's fused head returns (per-token log_probs, entropy, mean_logits, is_top1, zero off
+    the labels). TRL's own fused head scores every position, prompt and padding included, when not on a Triton
+    device; on 2 cores it was half of a DPO step (bench/results/precision_cpu.md). Returns False (model unchanged)
+    where the logits are not plain lm_head(hidden)."""
+    import types
+
+    import torch
+    from torch.utils.checkpoint import checkpoint
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    plain = plain_head(model)
+    if plain is None:
+        return False
+    trl_forward = model.forward  # TRL's: the plain forward without fused_lm_head, its fused head otherwise
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if (not fused_lm_head or shift_labels is not None or kwargs.get("output_router_logits")
+                or not bool((labels[:, 1:] != -100).any())):  # TRL keeps an all-masked batch differentiable
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        backbone, head = getattr(self, self.base_model_prefix), self.get_output_embeddings()
+        hidden = backbone(*args, **kwargs).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        mask = targets != -100
+        positions, wanted = hidden[mask], targets[mask]
+        parts = [checkpoint(_head_logps, head, positions[s : s + rows_per_chunk], wanted[s : s + rows_per_chunk],
+                            True, use_reentrant=False) for s in range(0, len(wanted), rows_per_chunk)]
+        per_token = [torch.cat([p[k] for p in parts]) if parts else positions.new_zeros(0) for k in range(4)]
+        log_probs, entropy, mean_logits, is_top1 = (
+            x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, mean_logits=mean_logits,
+                                   is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+    return True

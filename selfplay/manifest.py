@@ -71,9 +71,15 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Options added after runs began: a manifest written before one existed ran with this value, so a run resumed with
+# the same value is not refused (the flattened key, the behaviour before the option).
+ADDED_OPTIONS = {"precision": "fp32", "trainer.optim": "adamw_torch"}
+
+
 def diff_config(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Human-readable `key: old -> new` lines for the keys whose values differ."""
     a, b = flatten(old), flatten(new)
+    a.update({k: v for k, v in ADDED_OPTIONS.items() if k in b and k not in a})
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

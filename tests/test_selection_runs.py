@@ -107,7 +107,7 @@ def test_offline_select_round_trips_a_rounds_selection(compare_run, tiny_policy,
         rdir = cmp_dir / arm / f"seed{seed}" / "round_00"
         metric, *weight = arm.split("-")
         target = tmp_path / f"{arm}.parquet"
-        overrides = [f"model.path={tiny_policy}", "device=cpu", "trainer.max_length=256", f"selection.metric={metric}",
+        overrides = [f"model.path={tiny_policy}", "device=cpu", "precision=fp32", "trainer.max_length=256", f"selection.metric={metric}",
                      "selection.top_k=3", "selection.ratio=null", f"seed={seed}",
                      *(["selection.weight=auto"] if weight else [])]
         if arm == "map-auto":

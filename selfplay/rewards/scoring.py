@@ -72,11 +72,12 @@ def function_scorer(spec: str, chunk: int = 512) -> Scorer:
 
 
 def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: int, device: Any,
-                      trust_remote_code: bool, max_batch_tokens: int | None = None) -> Scorer:
+                      trust_remote_code: bool, max_batch_tokens: int | None = None, bf16: bool = False) -> Scorer:
     import torch
 
     from ..chat import reward_input_ids
     from ..modeling import load_reward_model, load_tokenizer, resolve_model_path
+    from ..precision import autocast
 
     path = resolve_model_path(model_dir)
     tokenizer = load_tokenizer(Path(path), trust_remote_code)
@@ -101,7 +102,7 @@ def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: i
             for row, i in enumerate(idx):  # right padding: sequence classifiers read the last non-pad token
                 ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
                 mask[row, : len(encoded[i])] = 1
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(bf16, device):
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             out[start : start + len(idx)] = logits[:, 0].float().cpu().numpy()
             start += len(idx)
@@ -139,11 +140,13 @@ def vllm_scorer(model_dir: str, dtype: str, max_length: int, device: Any, trust_
 
 def build_scorer(cfg: Any, device: Any) -> Scorer:
     """The `reward.backend` scorer of a run's config; vllm sizes its engines with the `sampler` group, joins `ray`."""
+    from ..precision import engine_dtype, stage_bf16
+
     reward_cfg, trust_remote_code = cfg.reward, cfg.model.trust_remote_code
     if reward_cfg.backend == "function":
         return function_scorer(reward_cfg.function)
     if reward_cfg.backend == "vllm":
-        return vllm_scorer(reward_cfg.model, reward_cfg.dtype, reward_cfg.max_length, device, trust_remote_code,
-                           cfg.sampler, cfg.ray)
+        return vllm_scorer(reward_cfg.model, engine_dtype(cfg, reward_cfg.dtype), reward_cfg.max_length, device,
+                           trust_remote_code, cfg.sampler, cfg.ray)
     return classifier_scorer(reward_cfg.model, reward_cfg.dtype, reward_cfg.batch_size, reward_cfg.max_length,
-                             device, trust_remote_code, reward_cfg.max_batch_tokens)
+                             device, trust_remote_code, reward_cfg.max_batch_tokens, bf16=stage_bf16(cfg))

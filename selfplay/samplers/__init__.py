@@ -48,7 +48,12 @@ class SamplingSpec:
 
 def build_sampler(cfg: Any, model_path: Any, device: Any) -> Any:
     """The `sampler.backend` sampler for one policy, built from the run's config."""
+    from ..precision import engine_dtype, stage_bf16
+
     module, _, cls = BACKENDS[cfg.sampler.backend].partition(":")
-    extra = {"sampler_cfg": cfg.sampler, "ray_cfg": cfg.ray} if cfg.sampler.backend == "vllm" else {}
-    return getattr(importlib.import_module(module), cls)(model_path=model_path, dtype=cfg.model.dtype, device=device,
+    if cfg.sampler.backend == "vllm":  # no autocast in vLLM: precision=bf16 loads bf16 weights
+        extra, dtype = {"sampler_cfg": cfg.sampler, "ray_cfg": cfg.ray}, engine_dtype(cfg)
+    else:
+        extra, dtype = {"bf16": stage_bf16(cfg)}, cfg.model.dtype
+    return getattr(importlib.import_module(module), cls)(model_path=model_path, dtype=dtype, device=device,
                                                          trust_remote_code=cfg.model.trust_remote_code, **extra)

@@ -25,7 +25,7 @@ from .generate import completions_frame
 from .prompts import heldout_prompts
 
 CONFIG = ("eval", "reward", "prompts", "sampler.backend", "sampler.max_new_tokens", "sampler.temperature", "sampler.top_p",
-          "model.dtype", "model.trust_remote_code", "seed")
+          "model.dtype", "model.trust_remote_code", "seed", "precision")
 
 
 def OUTPUTS(r: int) -> tuple[str, ...]:  # noqa: N802 — the runner reads OUTPUTS from every stage

@@ -31,7 +31,7 @@ OUTPUTS = ("generations",)
 CONFIG = ("model.dtype", "model.trust_remote_code", "seed", "sampler.backend", "sampler.n", "sampler.temperature",
           "sampler.top_p", "sampler.max_new_tokens", "sampler.batch_size", "sampler.sort_window_batches",
           "sampler.tensor_parallel_size", "sampler.max_model_len", "sampler.max_num_batched_tokens",
-          "sampler.overlong_prompts")
+          "sampler.overlong_prompts", "precision")
 
 
 def requires(r: int, cfg=None) -> list[tuple[int, str]]:

@@ -25,13 +25,14 @@ from ..chat import template_sha256, token_format, training_tokens
 from ..errors import SelfplayError
 from ..logprobs import TokenPairs, completion_logps
 from ..modeling import load_causal_lm, load_tokenizer, resolve_model_path
+from ..precision import engine_dtype, train_bf16
 from ..shards import shard_span
 
 log = logging.getLogger("selfplay")
 
 OUTPUTS = ("pairs.parquet",)
 CONFIG = ("model.reference", "model.dtype", "model.trust_remote_code", "margin", "trainer.objective",
-          "trainer.mmpo_logits", "trainer.max_length", "trainer.bf16")
+          "trainer.mmpo_logits", "trainer.max_length", "trainer.bf16", "precision")
 
 
 def requires(r: int, cfg=None) -> list[tuple[int, str]]:
@@ -53,7 +54,7 @@ def vllm_logps(model_path, sequences: list[tuple[list[int], list[int]]], cfg, de
     """The same sums as `completion_logps`, from the engine's prompt log-probs over prompt+completion ids."""
     from ..vllm_engine import engine_spec, map_items
 
-    spec = engine_spec(model_path, cfg.model.dtype, device, cfg.sampler, cfg.model.trust_remote_code)
+    spec = engine_spec(model_path, engine_dtype(cfg), device, cfg.sampler, cfg.model.trust_remote_code)
     spec.max_model_len = max(spec.max_model_len, cfg.trainer.max_length)
     sums = map_items(spec, cfg.sampler, cfg.ray, "completion_logprobs", sequences, desc,
                      tokens=lambda seq: len(seq[0]) + len(seq[1]))
@@ -84,7 +85,7 @@ def score_model(model_path, responses: pd.DataFrame, cfg, device, desc: str,
         rows = [i for batch in batches[lo:hi] for i in batch]
         model = load_causal_lm(model_path, cfg.model.dtype, device, cfg.model.trust_remote_code)
         all_sums, _ = completion_logps(model, sequences, device, batches[lo:hi], tokenizer.pad_token_id, desc=desc,
-                                       bf16=cfg.trainer.bf16)
+                                       bf16=train_bf16(cfg))
         sums = all_sums[rows]
     values = pd.DataFrame({"row": np.asarray(rows, dtype=np.int64), "logp_sum": np.asarray(sums, dtype=np.float64),
                            "n_tokens": sequences.completion_lengths()[rows].astype(np.int64)})

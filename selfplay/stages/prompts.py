@@ -26,7 +26,8 @@ OUTPUTS = ("prompts.parquet",)
 
 
 def CONFIG(cfg) -> tuple[str, ...]:  # noqa: N802 — the runner reads CONFIG from every stage
-    evolve = ("model.dtype", "model.trust_remote_code", "sampler.backend", "sampler.temperature", "sampler.top_p")
+    evolve = ("model.dtype", "model.trust_remote_code", "sampler.backend", "sampler.temperature", "sampler.top_p",
+              "precision")
     return ("prompts", "seed") + (evolve if cfg.prompts.evolve else ())
 HELDOUT_SEED = 20_250_302  # fixed, so every run and seed is evaluated on the same held-out prompts
 

@@ -18,7 +18,11 @@ from ..errors import SelfplayError
 from ..rewards.scoring import build_scorer
 
 OUTPUTS = ("scores",)
-CONFIG = ("reward", "model.trust_remote_code")
+
+
+def CONFIG(cfg) -> tuple[str, ...]:  # noqa: N802 — the runner reads CONFIG from every stage
+    """A reward model runs under `precision`; a reward function does not."""
+    return ("reward", "model.trust_remote_code") + (("precision",) if cfg.reward.backend != "function" else ())
 
 
 def requires(r: int, cfg=None) -> list[tuple[int, str]]:

@@ -37,7 +37,8 @@ def CONFIG(cfg) -> tuple[str, ...]:  # noqa: N802 — the runner reads CONFIG fr
     """metric=real and accumulate run π_r (and the reference) over the training tokens: those keys count too."""
     runs_policy = cfg.selection.metric == "real" or cfg.selection.accumulate
     return ("selection", "seed") + (("model.dtype", "model.reference", "trainer.objective", "trainer.mmpo_logits",
-                                     "trainer.max_length", "margin") if runs_policy else ())
+                                     "trainer.max_length", "margin", "trainer.bf16", "precision")
+                                    if runs_policy else ())
 
 
 def requires(r: int, cfg=None) -> list[tuple[int, str]]:

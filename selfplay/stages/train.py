@@ -35,12 +35,13 @@ from ..checkpoints import last_trainer_checkpoint
 from ..distributed import lora_config, plan_memory, run_distributed, topology
 from ..errors import NoPairsError
 from ..modeling import load_causal_lm, load_tokenizer, torch_device
+from ..precision import train_bf16
 from ..tracking import trainer_report_to
 
 log = logging.getLogger("selfplay")
 
 OUTPUTS = ("policy",)
-CONFIG = ("trainer", "model.reference", "model.dtype", "model.trust_remote_code", "seed")
+CONFIG = ("trainer", "model.reference", "model.dtype", "model.trust_remote_code", "seed", "precision")
 
 
 def requires(r: int, cfg=None) -> list[tuple[int, str]]:
@@ -54,11 +55,23 @@ def reference_logps(selected: pd.DataFrame, has_reference_model: bool) -> tuple[
 
 
 def _dpo_trainer_class():
+    from peft import PeftModel
     from trl import DPOTrainer
+
+    from ..logprobs import add_label_head
+
+    def is_peft_model(model) -> bool:
+        return isinstance(model, PeftModel)
 
     class PrecomputedReferenceDPOTrainer(DPOTrainer):
         """DPOTrainer that keeps `ref_chosen_logps`/`ref_rejected_logps` columns already in the dataset instead of
-        recomputing them with a reference forward pass (TRL would compute the same numbers)."""
+        recomputing them with a reference forward pass (TRL would compute the same numbers). On a CPU the policy's
+        LM head runs only at the completion positions (logprobs.add_label_head), as the margin stage's does."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.args.device.type == "cpu" and not is_peft_model(self.model):
+                add_label_head(self.model)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
@@ -185,10 +198,11 @@ def common_args(cfg, output_dir: str, report_to: str | list[str] = "none") -> di
         num_train_epochs=t.epochs,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
+        optim=t.optim,
         warmup_steps=t.warmup_ratio,  # a float < 1 is a fraction of the steps in transformers 5
         beta=t.beta,
         max_length=t.max_length,
-        bf16=t.bf16,
+        bf16=train_bf16(cfg),  # accelerate's autocast; the weights and AdamW's state stay in model.dtype
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_steps=1,
@@ -197,7 +211,7 @@ def common_args(cfg, output_dir: str, report_to: str | list[str] = "none") -> di
         save_steps=t.save_steps or 500,
         save_total_limit=1,
         report_to=report_to,  # logger=tensorboard|wandb: the trainer's own metrics (tracking.trainer_report_to)
-        use_cpu=str(cfg.device) == "cpu",
+        use_cpu=torch_device(cfg.device).type == "cpu",  # device=auto on a machine without a GPU too
         dataloader_num_workers=0,
         dataloader_pin_memory=torch_device(cfg.device).type == "cuda",  # pinning only helps host-to-GPU copies
     )
