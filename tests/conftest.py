@@ -70,7 +70,7 @@ def tiny_overrides(tmp_path: Path, policy: Path, reward_model: Path | None, run_
     (shards, resumes, backends) hold on every processor; the bf16 path has its own tests (test_precision.py)."""
     reward = (["reward=hf_classifier", f"reward.model={reward_model}", "reward.dtype=float32"] if reward_model
               else ["reward=function", "reward.function=rewards_for_tests:response_length"])
-    return [f"output_root={tmp_path}", f"run_name={run_name}", f"model.path={policy}", "model.dtype=float32",
+    return [f"output_root={tmp_path}", f"run_name={run_name}", f"model.path={policy}",
             "device=cpu", "precision=fp32", "rounds=2", "prompts.per_round=6", "prompts.eval_count=4", "sampler.n=3",
             "sampler.max_new_tokens=12", "trainer.max_length=256", "trainer.learning_rate=1e-3", "trainer.batch_size=2",
             "eval.batch_size=4", *reward]
