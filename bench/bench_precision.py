@@ -178,7 +178,8 @@ def main() -> None:
     # ---- generation (hf sampler)
     gen_prompts = [row["prompt"] for row in build_prompts(args.prompts, seed=1)]
     spec = SamplingSpec(n=4, max_new_tokens=96, temperature=0.8, top_p=0.95, seed=0, batch_size=16)
-    samplers = {prec: HFSampler(policy_dir, "float32", device, bf16=prec == "bf16") for prec in ("fp32", "bf16")}
+    samplers = {prec: HFSampler(policy_dir, "bfloat16" if prec == "bf16" else "float32", device, bf16=prec == "bf16")
+                for prec in ("fp32", "bf16")}
     gen = {"fp32": [], "bf16": []}
     for _ in range(args.repeats):
         for prec, sampler in samplers.items():

@@ -51,9 +51,7 @@ def build_sampler(cfg: Any, model_path: Any, device: Any) -> Any:
     from ..precision import engine_dtype, stage_bf16
 
     module, _, cls = BACKENDS[cfg.sampler.backend].partition(":")
-    if cfg.sampler.backend == "vllm":  # no autocast in vLLM: precision=bf16 loads bf16 weights
-        extra, dtype = {"sampler_cfg": cfg.sampler, "ray_cfg": cfg.ray}, engine_dtype(cfg)
-    else:
-        extra, dtype = {"bf16": stage_bf16(cfg)}, cfg.model.dtype
-    return getattr(importlib.import_module(module), cls)(model_path=model_path, dtype=dtype, device=device,
+    # Samplers never train: precision=bf16 holds bf16 weights (engine_dtype) in either backend.
+    extra = {"sampler_cfg": cfg.sampler, "ray_cfg": cfg.ray} if cfg.sampler.backend == "vllm" else {"bf16": stage_bf16(cfg)}
+    return getattr(importlib.import_module(module), cls)(model_path=model_path, dtype=engine_dtype(cfg), device=device,
                                                          trust_remote_code=cfg.model.trust_remote_code, **extra)

@@ -81,11 +81,10 @@ class HFSampler:
     def __init__(self, model_path: Path, dtype: str, device: Any, trust_remote_code: bool = False,
                  bf16: bool = False):
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
-        # precision=bf16: sampling never trains, so the weights are held in bf16 outright. Autocast would re-cast
-        # every fp32 weight at every decode step (inference mode keeps no cast cache): on 2 CPU cores that took
-        # away all of bf16's gain (bench/results/precision_cpu.md).
-        self.model = load_causal_lm(model_path, "bfloat16" if bf16 and dtype == "float32" else dtype, device,
-                                    trust_remote_code)
+        # precision=bf16 arrives as dtype=bfloat16 (precision.engine_dtype): autocast over fp32 weights would re-cast
+        # every weight at every decode step (inference mode keeps no cast cache), which on 2 CPU cores took away all
+        # of bf16's gain (bench/results/precision_cpu.md).
+        self.model = load_causal_lm(model_path, dtype, device, trust_remote_code)
         if bf16 and getattr(device, "type", str(device)) == "cpu":
             # PyTorch's CPU flash-attention kernel is slower in bf16 than in fp32 here; the eager attention's
             # matmuls run on the bf16 units (sampling 16 prompts × 4: 19.8 s with SDPA, 14.2 s eager; fp32 33.6 s).
