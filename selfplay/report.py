@@ -28,7 +28,10 @@ def round_summary(r: int, manifests: dict[str, dict]) -> dict[str, Any]:
         "all_tie_fraction": st["pair"]["ties_dropped"] / st["pair"]["prompts"],
         "policy_judge_agreement": st["margin"].get("implicit_agrees_with_judge"),
         "gain_vs_base": ev["reward_gain_vs_base"],
-        "gain_stderr": ev.get("reward_gain_stderr", float("nan")),  # absent in runs made before it existed
+        # absent in runs made before they existed
+        "gain_stderr": ev.get("reward_gain_stderr", float("nan")),
+        "gain_ci95": [ev.get("reward_gain_ci95_low", float("nan")), ev.get("reward_gain_ci95_high", float("nan"))],
+        "gain_p_value": ev.get("reward_gain_p_value", float("nan")),
         "seconds": sec,
     }
     times = " ".join(f"{stage} {sec[stage]:.0f}s" for stage in sec)
@@ -36,9 +39,14 @@ def round_summary(r: int, manifests: dict[str, dict]) -> dict[str, Any]:
         f"round {r}: pairs {summary['pairs']}/{summary['prompts']} prompts (ties dropped {summary['ties_dropped']}), "
         f"kept {summary['selected']} | sample reward {summary['sample_mean_reward']:.3f} | held-out reward "
         f"{summary['heldout_reward']:.3f} (π_0 {summary['base_heldout_reward']:.3f}, gain {summary['gain_vs_base']:+.3f} "
-        f"± {summary['gain_stderr']:.3f}, win rate {summary['win_rate_vs_base']:.2f}) | {times}"
+        f"± {summary['gain_stderr']:.3f} s.e., 95% CI {_interval(summary['gain_ci95'])}, p {summary['gain_p_value']:.2g}, "
+        f"win rate {summary['win_rate_vs_base']:.2f}) | {times}"
     )
     return summary
+
+
+def _interval(bounds: list[float]) -> str:
+    return f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
 
 
 def _plot(run_dir: Path, summaries: list[dict[str, Any]]) -> str | None:
@@ -92,10 +100,14 @@ def write_report(run_dir: Path, summaries: list[dict[str, Any]]) -> Path:
         plot = _plot(run_dir, summaries)
         lines += [f"![reward per round]({plot})", ""]
         lines += ["| round | prompts | pairs | ties | selected | sample reward (π_r) | held-out reward (π_r+1) | "
-                  "gain vs π_0 (paired s.e.) | win rate vs π_0 |", "|---|---|---|---|---|---|---|---|---|"]
+                  "gain vs π_0 (paired s.e.) | 95% interval | p (paired) | win rate vs π_0 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {s['round']} | {s['prompts']} | {s['pairs']} | {s['ties_dropped']} | {s['selected']} | "
                   f"{s['sample_mean_reward']:.3f} | {s['heldout_reward']:.3f} | {s['gain_vs_base']:+.3f} "
-                  f"({s['gain_stderr']:.3f}) | {s['win_rate_vs_base']:.2f} |" for s in summaries]
+                  f"({s['gain_stderr']:.3f}) | {_interval(s['gain_ci95'])} | {s['gain_p_value']:.2g} | "
+                  f"{s['win_rate_vs_base']:.2f} |" for s in summaries]
+        lines += ["", "Gain: held-out reward of π_r+1 minus π_0's on the same prompts; its interval is ±1.96 paired s.e., "
+                  "its p-value a paired sign-flip permutation test (selfplay/stages/eval.py `paired_gain`)."]
         lines += ["", f"Held-out reward of π_0: {summaries[0]['base_heldout_reward']:.3f}.", ""]
         lines += ["## Drift across rounds", "",
                   "Policy–judge agreement: the share of the round's pairs that π_r already orders like the judge "

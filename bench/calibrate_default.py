@@ -1,0 +1,120 @@
+"""Calibration sweep of the embedded default: which settings make the policy learn within the time budget.
+
+    .venv/bin/python bench/calibrate_default.py [--arms NAME …] [--runs-root DIR] [--out DIR] [--rounds 3]
+
+Each arm is a full `selfplay run` (a fresh process, as a user runs it) with the overrides listed in ARMS below, one
+after the other, so every arm gets the machine to itself. A finished arm is not run again (delete its run
+directory to redo it); an interrupted one resumes. After every arm the table, JSON and plot under --out are
+rewritten from all finished arms' files (their summary.json and stage manifests), so nothing is copied by hand.
+
+Per arm and round: the held-out gain over π_0 with its paired s.e., 95% interval and sign-flip p-value
+(selfplay/stages/eval.py), the share of sampled responses that hit `sampler.max_new_tokens`, pairs kept,
+optimizer steps, and the wall time of each round's stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> overrides on top of the embedded default. The first arm is the default as configured in conf/.
+ARMS: dict[str, list[str]] = {
+    "default": [],
+}
+
+
+def arm_rows(run_dir: Path) -> list[dict]:
+    """One row per finished round of a run: its summary plus what the stage manifests add."""
+    rows = []
+    for s in json.loads((run_dir / "summary.json").read_text()):
+        rdir = run_dir / f"round_{s['round']:02d}"
+        stats = {stage: json.loads((rdir / f"{stage}.done.json").read_text())["stats"]
+                 for stage in ("generate", "train")}
+        gen, train = stats["generate"], stats["train"]
+        rows.append({**s, "hit_length_limit_share": gen["hit_length_limit"] / max(gen["responses"], 1),
+                     "train_steps": train.get("steps"), "first_loss": train.get("first_loss"),
+                     "final_loss": train.get("final_loss"), "round_seconds": sum(s["seconds"].values())})
+    return rows
+
+
+def write_results(out: Path, results: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.json").write_text(json.dumps(results, indent=1) + "\n")
+    lines = ["| arm | overrides | gain r1 / r2 / r3 (paired s.e.) | 95% interval (last) | p (last) | win rate (last) | "
+             "responses at the cap | kept pairs / steps a round | seconds a round | run wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, arm in results.items():
+        rows = arm["rounds"]
+        if not rows:
+            continue
+        last = rows[-1]
+        gains = " / ".join(f"{r['gain_vs_base']:+.3f} ({r['gain_stderr']:.3f})" for r in rows)
+        lo, hi = last.get("gain_ci95", [float("nan")] * 2)
+        cap = sum(r["hit_length_limit_share"] for r in rows) / len(rows)
+        kept = "/".join(str(r["selected"]) for r in rows) + " · " + "/".join(str(r["train_steps"]) for r in rows)
+        secs = sum(r["round_seconds"] for r in rows) / len(rows)
+        lines.append(f"| {name} | `{' '.join(arm['overrides']) or '(none)'}` | {gains} | [{lo:+.3f}, {hi:+.3f}] | "
+                     f"{last.get('gain_p_value', float('nan')):.2g} | {last['win_rate_vs_base']:.2f} | {cap:.0%} | "
+                     f"{kept} | {secs:.0f} | {arm.get('wall_s', float('nan')):.0f} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for i, (name, arm) in enumerate(results.items()):
+        rows = arm["rounds"]
+        if rows:
+            x = [0] + [r["round"] + 1 + 0.04 * (i - len(results) / 2) for r in rows]
+            ax.errorbar(x, [0.0] + [r["gain_vs_base"] for r in rows], yerr=[0.0] + [r["gain_stderr"] for r in rows],
+                        marker="o", capsize=3, label=name)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("policy π_k (k = rounds trained)")
+    ax.set_ylabel("held-out gain over π_0 (bars: paired s.e.)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "gain_per_round.png")
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), help="arm names from ARMS (default: all, in order)")
+    ap.add_argument("--runs-root", type=Path, default=Path("outputs/calibration"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/default_calibration"))
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown arm(s) {unknown}; known: {list(ARMS)}")
+
+    existing = json.loads((args.out / "calibration.json").read_text()) if (args.out / "calibration.json").is_file() else {}
+    results = {name: existing[name] for name in ARMS if name in existing}
+    for name in args.arms:
+        overrides = [f"output_root={args.runs_root}", f"run_name={name}", f"rounds={args.rounds}", *ARMS[name]]
+        run_dir = args.runs_root / name
+        done = (run_dir / "summary.json").is_file() and len(json.loads((run_dir / "summary.json").read_text())) >= args.rounds
+        if not done:
+            print(f"[calibrate] {name}: selfplay run {' '.join(overrides)}", flush=True)
+            started = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "selfplay.cli", "run", *overrides])
+            if proc.returncode != 0:
+                raise SystemExit(f"[calibrate] {name}: selfplay run exited {proc.returncode}")
+            results[name] = {"overrides": ARMS[name], "wall_s": time.perf_counter() - started}
+        results.setdefault(name, {"overrides": ARMS[name]})
+        results[name]["rounds"] = arm_rows(run_dir)
+        write_results(args.out, results)
+        last = results[name]["rounds"][-1]
+        print(f"[calibrate] {name}: gain {last['gain_vs_base']:+.3f} ± {last['gain_stderr']:.3f} after "
+              f"{len(results[name]['rounds'])} rounds", flush=True)
+
+
+if __name__ == "__main__":
+    main()
