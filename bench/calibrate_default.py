@@ -22,8 +22,14 @@ import time
 from pathlib import Path
 
 # name -> overrides on top of the embedded default. The first arm is the default as configured in conf/.
+# Every arm evaluates on the same 200 held-out prompts (the default's π_0 eval is shared through output_root/.cache).
+_EVAL = ["prompts.eval_count=200"]
+_FAST = ["trainer.learning_rate=3e-5", "trainer.epochs=2", "trainer.warmup_ratio=0"]
 ARMS: dict[str, list[str]] = {
-    "default": [],
+    "lr3e-5_ep2": [*_EVAL, *_FAST],
+    "pairs_all": [*_EVAL, *_FAST, "pair.strategy=all"],
+    "pairs_all_beta0.05": [*_EVAL, *_FAST, "pair.strategy=all", "trainer.beta=0.05"],
+    "n8_prompts32": [*_EVAL, *_FAST, "sampler.n=8", "prompts.per_round=32"],
 }
 
 

@@ -66,7 +66,15 @@ def test_every_stage_writes_the_design_layout(tiny_run):
         assert not (policy / "training_args.bin").exists()
         ev = json.loads((rdir / "eval.json").read_text())
         assert ev["heldout_prompts"] == 4 and 0 <= ev["win_rate_vs_base"] <= 1
-        assert f"round {r}: pairs" in proc.stderr + proc.stdout  # the per-round summary line
+        # the gain with its interval and paired test, recomputed from the two policies' held-out rewards
+        base = pd.read_parquet(run_dir / "round_00" / "eval_base_generations.parquet").groupby("prompt_id")["reward"].mean()
+        mine = pd.read_parquet(rdir / "eval_generations.parquet").groupby("prompt_id")["reward"].mean()
+        diff = (mine - base.reindex(mine.index)).to_numpy()
+        assert ev["reward_gain_vs_base"] == pytest.approx(diff.mean())
+        assert ev["reward_gain_ci95_low"] <= ev["reward_gain_vs_base"] <= ev["reward_gain_ci95_high"]
+        assert 0 < ev["reward_gain_p_value"] <= 1
+        line = next(ln for ln in (proc.stderr + proc.stdout).splitlines() if f"round {r}: pairs" in ln)
+        assert "95% CI [" in line and ", p " in line  # the per-round summary line
 
 
 def test_selected_loads_with_datasets_and_map_scores_recompute(tiny_run):
@@ -275,7 +283,7 @@ def test_dpo_form_margin_and_training_against_a_configured_reference(tiny_run, t
 def test_round_cards_match_the_parquet_files_and_rebuild(tiny_run, tmp_path):
     run_dir, _, _ = tiny_run
     report = (run_dir / "report.md").read_text()
-    assert "## Drift across rounds" in report
+    assert "## Drift across rounds" in report and "| 95% interval | p (paired) |" in report
     for r in range(2):
         gens = pd.read_parquet(run_dir / f"round_{r:02d}" / "generations")
         pairs = pd.read_parquet(run_dir / f"round_{r:02d}" / "pairs.parquet")
