@@ -21,15 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-# name -> overrides on top of the embedded default. The first arm is the default as configured in conf/.
-# Every arm evaluates on the same 200 held-out prompts (the default's π_0 eval is shared through output_root/.cache).
-_EVAL = ["prompts.eval_count=200"]
+# The default as configured in conf/ (arm "default") and the variants measured beside it. Earlier arms ran before
+# prompts.word_budget existed and pin it off: their held-out prompts lack the budget line, so their π_0 differs.
 _FAST = ["trainer.learning_rate=3e-5", "trainer.epochs=2", "trainer.warmup_ratio=0"]
+_NO_BUDGET = ["prompts.word_budget=null", "prompts.eval_count=200"]
 ARMS: dict[str, list[str]] = {
-    "lr3e-5_ep2": [*_EVAL, *_FAST],
-    "pairs_all": [*_EVAL, *_FAST, "pair.strategy=all"],
-    "pairs_all_beta0.05": [*_EVAL, *_FAST, "pair.strategy=all", "trainer.beta=0.05"],
-    "n8_prompts32": [*_EVAL, *_FAST, "sampler.n=8", "prompts.per_round=32"],
+    "lr3e-5_ep2": [*_NO_BUDGET, *_FAST],
+    "pairs_all": [*_NO_BUDGET, *_FAST, "pair.strategy=all"],
+    "default": [],
+    "selection_random": ["selection=random"],
+    "selection_all": ["selection=all"],
 }
 
 

@@ -42,8 +42,11 @@ class PromptsConfig:
     id_column: str | None = None
     # Fresh prompts drawn per round (builtin), or taken per round from the file in order (wrapping around).
     per_round: int = 48
+    # builtin: a last, ungraded line "Answer in at most N words." on every task without a word-count constraint of
+    # its own, so answers fit sampler.max_new_tokens (≈ 0.7 words a token for SmolLM2's tokenizer); null: none.
+    word_budget: int | None = 60
     # Held-out prompts for eval (builtin: a disjoint set; files: the file given in eval_source).
-    eval_count: int = 100
+    eval_count: int = 200
     # Held-out prompt file when `source` is a file; null takes eval_count rows from the end of `source`.
     eval_source: str | None = None
     # Prompts longer than this many tokens (chat template included, the policy's tokenizer) are invalid; null: no cap.
@@ -380,6 +383,8 @@ def validate(cfg: Any) -> None:
     _require(cfg.reward.dtype in DTYPES, "reward.dtype", f"must be one of {DTYPES}, got {cfg.reward.dtype!r}")
     _require(cfg.prompts.per_round >= 1, "prompts.per_round", f"must be ≥ 1, got {cfg.prompts.per_round}")
     _require(cfg.prompts.eval_count >= 1, "prompts.eval_count", f"must be ≥ 1, got {cfg.prompts.eval_count}")
+    _require(cfg.prompts.word_budget is None or cfg.prompts.word_budget >= 1, "prompts.word_budget",
+             f"must be ≥ 1 or null (no budget line), got {cfg.prompts.word_budget}")
     _require(cfg.prompts.invalid in ("fail", "skip"), "prompts.invalid",
              f"must be fail or skip, got {cfg.prompts.invalid!r}")
     _require(0 <= cfg.prompts.evolve <= cfg.prompts.per_round, "prompts.evolve",

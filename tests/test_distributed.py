@@ -55,7 +55,8 @@ def train_copy(selected_round, name: str, *extra: str):
 # 0.05 with K = 16. The test prints the worst tensor.
 UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8}
 ROUNDING_STEPS = 16
-SGD = ["trainer.optim=sgd", "trainer.lr_scheduler_type=constant", "trainer.warmup_ratio=0", "trainer.learning_rate=0.5"]
+SGD = ["trainer.optim=sgd", "trainer.lr_scheduler_type=constant", "trainer.warmup_ratio=0", "trainer.learning_rate=0.5",
+       "trainer.epochs=1"]
 
 
 def ulp(weights: torch.Tensor) -> torch.Tensor:

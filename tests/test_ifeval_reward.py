@@ -80,6 +80,21 @@ def test_build_prompts_deterministic_and_well_formed() -> None:
         assert len(ids) == len(set(ids))
 
 
+def test_word_budget_adds_one_ungraded_last_line_unless_the_row_counts_words_itself() -> None:
+    plain = ifeval.build_prompts(200, seed=5)
+    budget = ifeval.build_prompts(200, seed=5, word_budget=60)
+    line = ifeval.WORD_BUDGET_LINE.format(words=60)
+    with_own_count = 0
+    for a, b in zip(plain, budget, strict=True):
+        assert a["constraints"] == b["constraints"] and a["prompt_id"] == b["prompt_id"]  # the judge is unchanged
+        if any(c["id"] == "length_constraints:number_words" for c in json.loads(a["constraints"])):
+            with_own_count += 1
+            assert b["prompt"] == a["prompt"]
+        else:
+            assert b["prompt"] == a["prompt"] + "\n" + line
+    assert 0 < with_own_count < 200
+
+
 def test_constraint_counts_follow_bounds_and_all_counts_occur() -> None:
     counts = {len(json.loads(r["constraints"])) for r in ifeval.build_prompts(300, seed=0)}
     assert counts == {1, 2, 3}

@@ -229,7 +229,8 @@ def test_trainer_mmpo_preset():
     t = cfg.trainer
     assert (t.objective, t.mmpo_logits, t.beta, t.gamma) == ("mmpo", "dpo", 0.1, 1.0)
     dpo = composed("trainer=dpo").trainer
-    assert (t.learning_rate, t.epochs, t.batch_size) == (dpo.learning_rate, dpo.epochs, dpo.batch_size)
+    assert (t.learning_rate, t.epochs, t.batch_size, t.warmup_ratio) == (dpo.learning_rate, dpo.epochs, dpo.batch_size,
+                                                                  dpo.warmup_ratio)
     validate(composed("trainer=mmpo", "trainer.mmpo_logits=simpo"))
     validate(composed("trainer=mmpo", "model.reference=/some/ref"))  # dpo logits take a reference model
 

@@ -299,7 +299,11 @@ def _keywords_consistent(constraints: list[dict[str, Any]]) -> bool:
     return not any(letter in w for letter in rationed for _, w in words)
 
 
-def _build_row(index: int, seed: int, id_prefix: str, min_c: int, max_c: int) -> dict:
+_NUMBER_WORDS = "length_constraints:number_words"
+WORD_BUDGET_LINE = "Answer in at most {words} words."
+
+
+def _build_row(index: int, seed: int, id_prefix: str, min_c: int, max_c: int, word_budget: int | None = None) -> dict:
     # Per-row RNG seeded from a string (hashed with SHA-512 by `random`, not by
     # Python's salted hash()), so rows are reproducible across processes and a
     # row does not depend on n.
@@ -323,6 +327,11 @@ def _build_row(index: int, seed: int, id_prefix: str, min_c: int, max_c: int) ->
             # Read it before any check_following (EndChecker lowercases its phrase there).
             constraints.append({"id": instruction_id, "kwargs": checker.get_instruction_args() or {}})
         if _keywords_consistent(constraints):
+            # The length the answer should fit, as a last line (not graded): without it the embedded policy runs
+            # into the token cap on ~3 answers in 4 and cut-off text fails every end-of-answer check. A row whose
+            # own constraint sets a word count keeps that instead.
+            if word_budget and not any(c["id"] == _NUMBER_WORDS for c in constraints):
+                parts.append(WORD_BUDGET_LINE.format(words=word_budget))
             return {
                 "prompt_id": f"{id_prefix}{index:05d}",
                 "prompt": _join(parts),
@@ -338,6 +347,7 @@ def build_prompts(
     min_constraints: int = 1,
     max_constraints: int = 3,
     id_prefix: str = "p",
+    word_budget: int | None = None,
 ) -> list[dict]:
     """Deterministic list of n prompt rows: {"prompt_id": str, "prompt": str, "constraints": str}.
 
@@ -349,13 +359,14 @@ def build_prompts(
     symmetric, plus _EXTRA_CONFLICTS and a keyword-overlap check). Content depends only on (seed, index); id_prefix only names the
     rows (f"{id_prefix}{index:05d}"), so training and held-out sets are told
     apart by prefix and must use different seeds to get different prompts.
-    The global `random` state is left as it was.
+    The global `random` state is left as it was. `word_budget` adds a last, ungraded line asking for at most that
+    many words (WORD_BUDGET_LINE) to every row without a word-count constraint of its own; it changes no other text.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if not 1 <= min_constraints <= max_constraints:
         raise ValueError(f"need 1 <= min_constraints <= max_constraints, got {min_constraints}, {max_constraints}")
-    return [_build_row(i, seed, id_prefix, min_constraints, max_constraints) for i in range(n)]
+    return [_build_row(i, seed, id_prefix, min_constraints, max_constraints, word_budget) for i in range(n)]
 
 
 @functools.lru_cache(maxsize=65536)

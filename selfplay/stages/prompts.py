@@ -121,7 +121,8 @@ def train_prompts(cfg, r: int) -> pd.DataFrame:
         heldout = set(heldout_prompts(cfg)["prompt"])
         drawn = p.per_round
         while True:
-            rows = build_prompts(drawn, seed=round_seed(cfg.seed, r), id_prefix=f"r{r:02d}-")
+            rows = build_prompts(drawn, seed=round_seed(cfg.seed, r), id_prefix=f"r{r:02d}-",
+                                 word_budget=cfg.prompts.word_budget)
             fresh = [row for row in rows if row["prompt"] not in heldout]
             if len(fresh) >= p.per_round:
                 return pd.DataFrame(fresh[: p.per_round])
@@ -144,7 +145,8 @@ def heldout_prompts(cfg) -> pd.DataFrame:
     if p.source == "builtin":
         from ..rewards.ifeval import build_prompts
 
-        return pd.DataFrame(build_prompts(p.eval_count, seed=HELDOUT_SEED, id_prefix="heldout-"))
+        return pd.DataFrame(build_prompts(p.eval_count, seed=HELDOUT_SEED, id_prefix="heldout-",
+                                          word_budget=p.word_budget))
     if p.eval_source is not None:
         return _read(cfg, p.eval_source).head(p.eval_count)
     return _read(cfg, p.source).tail(p.eval_count).reset_index(drop=True)
