@@ -69,10 +69,11 @@ def tiny_overrides(tmp_path: Path, policy: Path, reward_model: Path | None, run_
     """A 2-round run of the tiny models that takes seconds per stage. precision=fp32: the equalities these tests check
     (shards, resumes, backends) hold on every processor; the bf16 path has its own tests (test_precision.py).
     sampler=hf: an engine start costs more than these runs' whole generation; the vLLM path has its own tests
-    (test_vllm.py, and the embedded default in test_default_run.py)."""
+    (test_vllm.py, and the embedded default in test_default_run.py). pair.strategy=best_worst: one pair per prompt,
+    which the counts these tests check assume; `all` has its own tests."""
     reward = (["reward=hf_classifier", f"reward.model={reward_model}", "reward.dtype=float32"] if reward_model
               else ["reward=function", "reward.function=rewards_for_tests:response_length"])
     return [f"output_root={tmp_path}", f"run_name={run_name}", f"model.path={policy}",
-            "device=cpu", "precision=fp32", "sampler=hf", "rounds=2", "prompts.per_round=6", "prompts.eval_count=4", "sampler.n=3",
+            "device=cpu", "precision=fp32", "sampler=hf", "pair.strategy=best_worst", "rounds=2", "prompts.per_round=6", "prompts.eval_count=4", "sampler.n=3",
             "sampler.max_new_tokens=12", "trainer.max_length=256", "trainer.learning_rate=1e-3", "trainer.batch_size=2",
             "eval.batch_size=4", *reward]

@@ -1,8 +1,8 @@
 """pair — preference pairs from each prompt's scored samples; ties dropped and counted.
 
-Strategies (pair.strategy): best_worst (default: chosen = highest reward, rejected = lowest), best_random (chosen
-= highest, rejected = a seeded random sample with a lower reward), all (every two samples whose rewards differ by
-more than pair.min_margin, the higher one chosen).
+Strategies (pair.strategy): all (the default: every two samples whose rewards differ by more than pair.min_margin,
+the higher one chosen), best_worst (chosen = highest reward, rejected = lowest), best_random (chosen = highest,
+rejected = a seeded random sample with a lower reward).
 
 Input:   round_XX/scores/part-*.parquet
 Output:  round_XX/candidate_pairs.parquet
