@@ -101,12 +101,14 @@ class EngineActor:
                 os.environ[key] = value
         # vLLM's import-time FutureWarnings would be forwarded to the run's console by Ray, once per engine
         warnings.filterwarnings("ignore", category=FutureWarning)
+        from vllm import LLM
+
         # Lines that say nothing a user can act on, repeated per weight tensor or per call, would bury the run's
         # console: each fp32 checkpoint tensor loaded into a bf16 engine (precision=bf16 asks for exactly that), and
-        # the CPU worker declining torch.set_num_threads after binding its threads (engine_env binds them).
+        # the CPU worker declining torch.set_num_threads after binding its threads (engine_env binds them). Set after
+        # the import: vLLM's logging set-up at import resets the levels of its loggers' children.
         for name in ("vllm.model_executor.models.utils", "vllm.v1.worker.cpu_worker"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        from vllm import LLM
 
         self.llm = LLM(**spec_.llm_kwargs())
 
