@@ -101,7 +101,10 @@ def main() -> None:
         raise SystemExit(f"--arms: unknown arm(s) {unknown}; known: {list(ARMS)}")
 
     existing = json.loads((args.out / "calibration.json").read_text()) if (args.out / "calibration.json").is_file() else {}
-    results = {name: existing[name] for name in ARMS if name in existing}
+    results = {name: existing.get(name, {"overrides": ARMS[name]}) for name in ARMS}
+    for name, arm in results.items():  # every finished round on disk, so the table never lags the files
+        arm["overrides"] = ARMS[name]
+        arm["rounds"] = arm_rows(args.runs_root / name) if (args.runs_root / name / "summary.json").is_file() else []
     for name in args.arms:
         overrides = [f"output_root={args.runs_root}", f"run_name={name}", f"rounds={args.rounds}", *ARMS[name]]
         run_dir = args.runs_root / name
@@ -112,8 +115,7 @@ def main() -> None:
             proc = subprocess.run([sys.executable, "-m", "selfplay.cli", "run", *overrides])
             if proc.returncode != 0:
                 raise SystemExit(f"[calibrate] {name}: selfplay run exited {proc.returncode}")
-            results[name] = {"overrides": ARMS[name], "wall_s": time.perf_counter() - started}
-        results.setdefault(name, {"overrides": ARMS[name]})
+            results[name]["wall_s"] = time.perf_counter() - started
         results[name]["rounds"] = arm_rows(run_dir)
         write_results(args.out, results)
         last = results[name]["rounds"][-1]
