@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -32,6 +33,18 @@ ARMS: dict[str, list[str]] = {
 }
 
 
+def _gain_from_files(run_dir: Path, rdir: Path) -> dict:
+    """The gain's interval and p-value recomputed from a round's held-out rewards, as eval computes them now."""
+    import pandas as pd
+
+    from selfplay.stages.eval import paired_gain
+
+    base = pd.read_parquet(run_dir / "round_00" / "eval_base_generations.parquet").groupby("prompt_id")["reward"].mean()
+    mine = pd.read_parquet(rdir / "eval_generations.parquet").groupby("prompt_id")["reward"].mean()
+    g = paired_gain((mine - base.reindex(mine.index)).to_numpy())
+    return {"gain_ci95": [g["reward_gain_ci95_low"], g["reward_gain_ci95_high"]], "gain_p_value": g["reward_gain_p_value"]}
+
+
 def arm_rows(run_dir: Path) -> list[dict]:
     """One row per finished round of a run: its summary plus what the stage manifests add."""
     rows = []
@@ -40,6 +53,8 @@ def arm_rows(run_dir: Path) -> list[dict]:
         stats = {stage: json.loads((rdir / f"{stage}.done.json").read_text())["stats"]
                  for stage in ("generate", "train")}
         gen, train = stats["generate"], stats["train"]
+        if not math.isfinite(s.get("gain_p_value", float("nan"))):  # a run made before eval reported them
+            s.update(_gain_from_files(run_dir, rdir))
         rows.append({**s, "hit_length_limit_share": gen["hit_length_limit"] / max(gen["responses"], 1),
                      "train_steps": train.get("steps"), "first_loss": train.get("first_loss"),
                      "final_loss": train.get("final_loss"), "round_seconds": sum(s["seconds"].values())})
