@@ -95,6 +95,7 @@ def write_results(out: Path, results: dict[str, dict]) -> None:
             ax.errorbar(x, [0.0] + [r["gain_vs_base"] for r in rows], yerr=[0.0] + [r["gain_stderr"] for r in rows],
                         marker="o", capsize=3, label=name)
     ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(range(max((len(a["rounds"]) for a in results.values()), default=0) + 1))
     ax.set_xlabel("policy π_k (k = rounds trained)")
     ax.set_ylabel("held-out gain over π_0 (bars: paired s.e.)")
     ax.grid(alpha=0.3)
