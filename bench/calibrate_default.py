@@ -37,11 +37,11 @@ def _gain_from_files(run_dir: Path, rdir: Path) -> dict:
     """The gain's interval and p-value recomputed from a round's held-out rewards, as eval computes them now."""
     import pandas as pd
 
-    from selfplay.stages.eval import paired_gain
+    from selfplay.stages.eval import paired_gain, prompt_differences
 
-    base = pd.read_parquet(run_dir / "round_00" / "eval_base_generations.parquet").groupby("prompt_id")["reward"].mean()
-    mine = pd.read_parquet(rdir / "eval_generations.parquet").groupby("prompt_id")["reward"].mean()
-    g = paired_gain((mine - base.reindex(mine.index)).to_numpy())
+    diff = prompt_differences(pd.read_parquet(rdir / "eval_generations.parquet"),
+                              pd.read_parquet(run_dir / "round_00" / "eval_base_generations.parquet"))
+    g = paired_gain(diff.to_numpy())
     return {"gain_ci95": [g["reward_gain_ci95_low"], g["reward_gain_ci95_high"]], "gain_p_value": g["reward_gain_p_value"]}
 
 

@@ -95,6 +95,12 @@ def win_rate(policy: pd.DataFrame, base: pd.DataFrame) -> dict[str, float]:
     return {"wins": wins, "ties": ties, "losses": losses, "win_rate_vs_base": (wins + 0.5 * ties) / len(a)}
 
 
+def prompt_differences(policy: pd.DataFrame, base: pd.DataFrame) -> pd.Series:
+    """Per held-out prompt, the policy's mean reward minus π_0's on the same prompt (both frames: prompt_id, reward)."""
+    mine = policy.groupby("prompt_id")["reward"].mean()
+    return mine - base.groupby("prompt_id")["reward"].mean().reindex(mine.index)
+
+
 def paired_gain(diff: np.ndarray, seed: int = 0, draws: int = 20_000) -> dict[str, float]:
     """The gain over π_0 from per-prompt differences: mean, paired s.e., a 95% interval (normal; the held-out set has
     ≥ 100 prompts by default) and the two-sided p-value of a paired sign-flip permutation test (no assumption on the
@@ -142,7 +148,6 @@ def run(ctx) -> None:
         **win_rate(policy, base),
     }
     # Same prompts for both policies: the per-prompt difference gives the gain's honest error bar and test.
-    diff = per_prompt - base.groupby("prompt_id")["reward"].mean().reindex(per_prompt.index)
-    result.update(paired_gain(diff.to_numpy(), seed=ctx.cfg.seed))
+    result.update(paired_gain(prompt_differences(policy, base).to_numpy(), seed=ctx.cfg.seed))
     (ctx.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     ctx.stats.update({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "policy"})
