@@ -30,6 +30,7 @@ ARMS: dict[str, list[str]] = {
     "word_budget60": ["prompts.word_budget=60"],
     "selection_random": ["selection=random"],
     "selection_all": ["selection=all"],
+    "sampler_hf": ["sampler=hf"],
 }
 
 
