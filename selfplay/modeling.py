@@ -53,6 +53,56 @@ def resolve_model_path(path: str) -> Path:
     return directory
 
 
+def check_weights(directory: Path, kind: str = "causal_lm", trust_remote_code: bool = False) -> int:
+    """Open the model's config.json and every safetensors header (not the tensors), and compare each tensor's shape
+    with the one the architecture in config.json gives it: a truncated file, a config from another model size or a
+    broken config.json fails here, naming the file, before any work. Returns the number of tensors checked."""
+    import json
+
+    import torch
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    directory = Path(directory)
+    try:
+        json.loads((directory / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelDirError(f"{directory / 'config.json'} is not valid JSON ({err})") from err
+    stored: dict[str, tuple[tuple[int, ...], Path, str]] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 — safe_open is not iterable
+                    stored[name] = (tuple(handle.get_slice(name).get_shape()), file, name)
+        except (SafetensorError, OSError) as err:
+            raise ModelDirError(f"{file} is not a readable safetensors file ({err})") from err
+    try:
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        builder = AutoModelForSequenceClassification if kind == "sequence_classification" else AutoModelForCausalLM
+        with torch.device("meta"):
+            model = builder.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as err:  # noqa: BLE001 — config validators raise their own types; all mean the same here
+        raise ModelDirError(f"{directory / 'config.json'}: transformers cannot build the model it describes "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from err
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+
+    def plain(name: str) -> str:
+        return name[len(prefix):] if prefix and name.startswith(prefix) else name
+
+    expected = {plain(name): tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {plain(name): value for name, value in stored.items()}
+    common = sorted(set(expected) & set(found))
+    if expected and found and not common:
+        raise ModelDirError(f"{directory}: none of the weights' tensor names match the architecture in config.json "
+                            f"(e.g. {next(iter(found))!r} stored, {next(iter(expected))!r} expected)")
+    for name in common:
+        shape, file, stored_name = found[name]
+        if shape != expected[name]:
+            raise ModelDirError(f"{file}: tensor {stored_name!r} has shape {list(shape)}, but config.json gives "
+                                f"{list(expected[name])}; the weights and config.json are from different models")
+    return len(common)
+
+
 def torch_device(name: str) -> Any:
     import torch
 

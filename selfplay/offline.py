@@ -88,6 +88,12 @@ def to_pairs(df: pd.DataFrame, path: Path, scorer=None) -> pd.DataFrame:
         "rejected_sample_idx": df["rejected_sample_idx"].astype(int) if "rejected_sample_idx" in df else 1,
     })
     names = next(((c, r) for c, r in SCORE_COLUMNS if c in df and r in df), None)
+    half = next((c if c in df else r for c, r in SCORE_COLUMNS if (c in df) != (r in df)), None)
+    if half is not None:
+        pair = next(p for p in SCORE_COLUMNS if half in p)
+        raise InputError(f"selfplay select: input {path} has column {half!r} but not "
+                         f"{next(c for c in pair if c != half)!r}; per-response scores come in pairs "
+                         f"({' and '.join(pair)}), or leave both out to score with the judge (reward=…)")
     if names is not None:
         rewards = {side: pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
                    for side, col in zip(("chosen", "rejected"), names, strict=True)}

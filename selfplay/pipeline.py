@@ -261,27 +261,34 @@ def run_round(cfg: DictConfig, run_dir: Path, r: int, forced: set[str]) -> dict[
 
 
 def preflight(cfg: DictConfig) -> None:
-    """Fail before any work on inputs that would only fail later: the models' directories (config, safetensors
-    weights, tokenizer, chat template), the reward function, and the prompt files (every row checked)."""
-    from .modeling import load_tokenizer, resolve_model_path
+    """Fail before any work on inputs that would only fail later: the models' directories (config.json, every
+    safetensors header with its tensor shapes against config.json, tokenizer, chat template), the reward function,
+    and the prompt files (every row checked)."""
+    from .modeling import check_weights, load_tokenizer, resolve_model_path
     from .stages.prompts import heldout_prompts, train_prompts
 
-    load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
+    trust = cfg.model.trust_remote_code
+    policy = resolve_model_path(cfg.model.path)
+    check_weights(policy, "causal_lm", trust)
+    load_tokenizer(policy, trust)
     if cfg.model.reference:
-        resolve_model_path(cfg.model.reference)
+        check_weights(resolve_model_path(cfg.model.reference), "causal_lm", trust)
     if cfg.reward.backend == "function":
         from .rewards.scoring import load_function
 
         load_function(cfg.reward.function)
     else:
-        load_tokenizer(resolve_model_path(cfg.reward.model), cfg.model.trust_remote_code)
+        reward_model = resolve_model_path(cfg.reward.model)
+        check_weights(reward_model, "sequence_classification", trust)
+        load_tokenizer(reward_model, trust)
     if cfg.prompts.source != "builtin":
         train_prompts(cfg, 0)
         heldout_prompts(cfg)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
-    """All rounds; returns one summary dict per round (also printed as a line each)."""
+def run(cfg: DictConfig, run_dir: Path, preflight_done: bool = False) -> list[dict[str, Any]]:
+    """All rounds; returns one summary dict per round (also printed as a line each). preflight_done: the CLI has
+    run `preflight` on this config already (before Hydra made the run directory)."""
     from .card import write_round_card
     from .report import round_summary, write_report
     from .tracking import open_tracker, round_metrics
@@ -294,7 +301,8 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
     forced = set(cfg.force)
     summaries = []
     started = time.time()
-    preflight(cfg)
+    if not preflight_done:
+        preflight(cfg)
     remove_stale_temp_files(run_dir)
     # logger=…: one tracker run per run directory, the round as step; rounds already logged are not logged again.
     with open_tracker(cfg, run_dir) as tracker:

@@ -91,11 +91,19 @@ def rebuild(run_dir: Path) -> Path:
         if all(m is not None for m in manifests.values()):
             summaries.append(round_summary(r, manifests))
         r += 1
-    return write_report(run_dir, summaries)
+    from omegaconf import OmegaConf
+
+    from .status import run_status
+
+    rounds = OmegaConf.load(run_dir / "config.yaml").get("rounds") if (run_dir / "config.yaml").is_file() else None
+    return write_report(run_dir, summaries, run_status(run_dir, rounds)["missing"])
 
 
-def write_report(run_dir: Path, summaries: list[dict[str, Any]]) -> Path:
+def write_report(run_dir: Path, summaries: list[dict[str, Any]], missing: list[str] | None = None) -> Path:
     lines = [f"# selfplay run `{run_dir.name}`", ""]
+    if missing:
+        lines += ["## Not finished", "", f"{len(missing)} stage(s) have not finished: {', '.join(missing)}. The "
+                  "tables below cover the complete rounds only; re-run the run's command to finish it.", ""]
     if summaries:
         plot = _plot(run_dir, summaries)
         lines += [f"![reward per round]({plot})", ""]

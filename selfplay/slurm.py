@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import manifest as mf
-from . import shards
+from . import runlock, shards
 from .config import STAGES
 from .errors import SelfplayError
 
@@ -299,6 +299,10 @@ def submit(argv: list[str], out: Any = sys.stdout) -> int:
             dep = f" --dependency=afterok:$j{i}" if i else ""
             print(f"j{i + 1}=$(sbatch --parsable{dep} {shlex.quote(str(path))})", file=out)
         return 0
+    # Refuse at once when a local process is writing the run; the lock is given back before the first job can
+    # start (each job takes it itself), so submit never blocks its own chain.
+    runlock.acquire(run_dir, command="selfplay submit")
+    runlock.release(run_dir)
     if shutil.which("sbatch") is None:
         raise SelfplayError("selfplay submit: sbatch is not on PATH; run it on a SLURM login node (or use --dry-run)")
     run_slurm = run_dir / "slurm"

@@ -31,6 +31,10 @@ class Case:
     files: dict = field(default_factory=dict)  # name → rows (list of dicts), bytes, or None for an empty file
     overrides: list = field(default_factory=list)  # {dir} is the test's tmp dir
     model_without: tuple = ()  # files removed from a copy of the tiny policy used as model.path
+    model_edit: str | None = None  # a damage done to that copy: truncate_weights | config_other_size | config_not_json
+    args: list = field(default_factory=list)  # positional arguments after the command ({dir}: the tmp dir)
+    hydra_overrides: bool = True  # false: report/status, which take a directory and no config
+    no_run_dir: bool = False  # refused before even the run directory was made (config checks, run lock)
 
 
 CASES = [
@@ -75,12 +79,77 @@ CASES = [
          overrides=["selection.top_k=100"]),
     Case("run_name_outside_output_root", "run_name: must be a plain directory name", before_work=True,
          overrides=["run_name=../elsewhere"]),
+    # Options a library used to check late (after generation, with its traceback): now each has its range declared
+    # beside its field (selfplay/config.py `option`) and is checked before the run directory exists.
+    Case("option_gradient_accumulation_zero", "trainer.gradient_accumulation_steps: must be ≥ 1, got 0",
+         before_work=True, no_run_dir=True, overrides=["trainer.gradient_accumulation_steps=0"]),
+    Case("option_scheduler_unknown", "trainer.lr_scheduler_type: must be one of ('linear', 'cosine'",
+         before_work=True, no_run_dir=True, overrides=["trainer.lr_scheduler_type=bogus"]),
+    Case("option_warmup_negative", "trainer.warmup_ratio: must be in [0, 1), got -0.5", before_work=True,
+         no_run_dir=True, overrides=["trainer.warmup_ratio=-0.5"]),
+    Case("option_eval_batch_zero", "eval.batch_size: must be ≥ 1, got 0", before_work=True, no_run_dir=True,
+         overrides=["eval.batch_size=0"]),
+    Case("train_changed_nothing", "the trained policy equals π_0 in every weight", model_edit="no_exact_zeros",
+         overrides=["trainer.learning_rate=1e-30"]),
+    Case("weights_truncated", "is not a readable safetensors file", before_work=True, no_run_dir=True,
+         model_edit="truncate_weights"),
+    Case("weights_other_model", "the weights and config.json are from different models", before_work=True,
+         no_run_dir=True, model_edit="config_other_size"),
+    Case("config_json_invalid", "config.json is not valid JSON", before_work=True, no_run_dir=True,
+         model_edit="config_not_json"),
+    Case("reward_returns_none", "returned NoneType None; it must return a list of",
+         overrides=["reward.function=rewards_for_tests:returns_none"]),
+    Case("reward_returns_scalar", "returned float 0.5; it must return a list of",
+         overrides=["reward.function=rewards_for_tests:returns_scalar"]),
+    Case("reward_raises", "on the batch of rows 0–17 (first: prompt_id=",
+         overrides=["reward.function=rewards_for_tests:raises"]),
+    Case("reward_needs_column", "needs the column(s) ['constraints'], which the rows do not have",
+         files={"p.jsonl": [{"prompt": f"Say {i}"} for i in range(12)]},
+         overrides=["prompts.source={dir}/p.jsonl", "reward.function=selfplay.rewards.ifeval:reward"]),
+    Case("select_half_score_columns", "has column 'score_chosen' but not 'score_rejected'", command="select",
+         args=["{dir}/pairs.jsonl", "{dir}/kept.parquet"],
+         files={"pairs.jsonl": [{"prompt": f"p{i}", "chosen": "a", "rejected": "b", "score_chosen": 1.0}
+                                for i in range(4)]}),
+    Case("prompt_file_is_directory", "is a directory; give one .parquet, .jsonl, .json or .csv file",
+         before_work=True, no_run_dir=True, overrides=["prompts.source={dir}"]),
+    Case("prompt_jsonl_broken_line", "line 3 is not valid JSON", before_work=True, no_run_dir=True,
+         files={"p.jsonl": b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c"\n'}, overrides=["prompts.source={dir}/p.jsonl"]),
+    Case("prompt_chat_messages", "row 1 holds chat messages (a list of role/content dicts), not text",
+         before_work=True, no_run_dir=True,
+         files={"p.jsonl": [{"prompt": "Say hi" if i != 1 else [{"role": "user", "content": "hi"}]}
+                            for i in range(12)]}, overrides=["prompts.source={dir}/p.jsonl"]),
+    Case("report_foreign_directory", "is not a selfplay run directory (no config.yaml or round_XX/ in it); nothing "
+         "written", command="report", args=["{dir}/elsewhere"], hydra_overrides=False,
+         files={"elsewhere/notes.md": b"mine"}),
+    Case("status_foreign_directory", "is not a selfplay run, sweep or comparison directory", command="status",
+         args=["{dir}/elsewhere"], hydra_overrides=False, files={"elsewhere/notes.md": b"mine"}),
 ]
+
+
+def _damage(model: Path, edit: str) -> None:
+    if edit == "truncate_weights":  # the header survives; the tensors' bytes do not
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: 1 << 20])
+    elif edit == "config_other_size":  # a config.json from a wider model of the same family
+        config = json.loads((model / "config.json").read_text())
+        config["intermediate_size"] *= 2
+        (model / "config.json").write_text(json.dumps(config))
+    elif edit == "no_exact_zeros":  # lr 1e-30 then moves no weight: each is far above its update's ulp
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(model / "model.safetensors")
+        save_file({k: t.masked_fill(t == 0, 0.01) for k, t in tensors.items()}, model / "model.safetensors",
+                  metadata={"format": "pt"})
+    elif edit == "config_not_json":
+        (model / "config.json").write_text('{"model_type": "llama",')
+    else:
+        raise ValueError(edit)
 
 
 def _materialise(case: Case, tmp_path: Path, tiny_policy: Path) -> list[str]:
     for name, content in case.files.items():
         path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         if content is None:
             path.write_text("")
         elif isinstance(content, bytes):
@@ -88,11 +157,13 @@ def _materialise(case: Case, tmp_path: Path, tiny_policy: Path) -> list[str]:
         else:
             path.write_text(pd.DataFrame(content).to_json(orient="records", lines=True))
     overrides = tiny_overrides(tmp_path, tiny_policy, None, run_name="bad") + ["rounds=1"]
-    if case.model_without:
+    if case.model_without or case.model_edit:
         model = tmp_path / "model"
         shutil.copytree(tiny_policy, model)
         for name in case.model_without:
             (model / name).unlink()
+        if case.model_edit:
+            _damage(model, case.model_edit)
         overrides.append(f"model.path={model}")
     return overrides + [o.format(dir=tmp_path) for o in case.overrides]
 
@@ -103,13 +174,19 @@ def test_bad_input(case, tmp_path, tiny_policy):
     command = case.command.split()
     if command[0] == "stage":
         overrides = [o for o in overrides if not o.startswith("rounds=")]
-    proc = run_cli(*command, *overrides, timeout=600)
+    if not case.hydra_overrides:
+        overrides = []
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    proc = run_cli(*command, *[a.format(dir=tmp_path) for a in case.args], *overrides, timeout=600)
     assert proc.returncode == case.exit_code, proc.stderr[-3000:]  # 2: selfplay's errors; 1: Hydra's own
     assert case.message in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     run_dir = tmp_path / "bad"
     if case.before_work:
         assert not list(tmp_path.glob("**/round_*")), "work started before the input was checked"
+    if case.no_run_dir or not case.hydra_overrides:
+        assert not run_dir.exists(), "the run directory was made before the input was checked"
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "a refused command wrote"
     if run_dir.is_dir():
         assert partial_files(run_dir) == []
         assert not list(run_dir.glob("round_*/.tmp-*")), "a failed stage left its temp directory"
@@ -182,5 +259,10 @@ def test_readme_table_is_this_file():
     table = {case_id: message for _, message, case_id in rows}
     cases = {c.id: c.message for c in CASES}
     cases.update(damaged_stage_output="does not match round_00/score.done.json (sha256 differs)",
-                 disk_full="disk full while writing under", run_dir_permissions="(none: the user's umask applies)")
+                 disk_full="disk full while writing under", run_dir_permissions="(none: the user's umask applies)",
+                 # tests/test_run_lock.py
+                 run_locked="is being written by another selfplay process: pid ",
+                 interrupted="interrupted; re-run the same command to resume (finished stages are kept)",
+                 report_unfinished="is not finished",
+                 sweep_names="(none: one directory per job, named by the swept keys only)")
     assert table == cases

@@ -28,3 +28,9 @@ def test_embedded_default_smoke_round(tmp_path, selfplay_cache):
     ev = json.loads((rdir / "eval.json").read_text())
     assert ev["heldout_prompts"] == 8 and 0 <= ev["mean_reward"] <= 1
     assert (rdir / "policy" / "model.safetensors").exists()
+    # The smoke round is one optimizer step or a few: it still moves the policy (the train stage checks it too).
+    from selfplay.stages.train import changed_tensor
+
+    train = json.loads((rdir / "train.done.json").read_text())["stats"]
+    assert train["steps"] >= 1 and train["first_changed_tensor"]
+    assert changed_tensor(selfplay_cache / "smollm2-135m-instruct", rdir / "policy") is not None

@@ -36,14 +36,15 @@ def load_function(spec: str) -> Callable:
     return fn
 
 
-def check_rewards(values: Any, expected: int, source: str, frame: pd.DataFrame) -> np.ndarray:
+def check_rewards(values: Any, expected: int, source: str, frame: pd.DataFrame, where: str = "") -> np.ndarray:
     """Rewards as a float array; one clear error for a wrong length or a NaN/inf value (naming the row)."""
     try:
         arr = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise InputError(f"{source} returned values that are not numbers ({err})") from err
+        raise InputError(f"{source} returned values that are not numbers{where} ({err})") from err
     if arr.shape != (expected,):
-        raise InputError(f"{source} returned shape {arr.shape} for {expected} responses; expected one float per response")
+        raise InputError(f"{source} returned shape {arr.shape} for {expected} responses{where}; expected one float "
+                         "per response")
     bad = np.flatnonzero(~np.isfinite(arr))
     if len(bad):
         i = int(bad[0])
@@ -52,21 +53,51 @@ def check_rewards(values: Any, expected: int, source: str, frame: pd.DataFrame) 
     return arr
 
 
+def _batch_label(spec: str, part: pd.DataFrame, start: int) -> str:
+    first = part.iloc[0]
+    return (f"reward function {spec} on the batch of rows {start}–{start + len(part) - 1} (first: prompt_id="
+            f"{first['prompt_id']!r} sample_idx={first['sample_idx']})")
+
+
+def call_reward_function(fn: Callable, spec: str, part: pd.DataFrame, start: int, kwargs: dict) -> np.ndarray:
+    """One batch through a reward function under TRL's contract (a list of floats, one per completion): anything
+    else, or an exception inside the function, becomes one error naming the function, the batch and what came back."""
+    try:
+        values = fn(prompts=list(part["prompt"]), completions=list(part["response"]), **kwargs)
+    except Exception as err:  # noqa: BLE001 — the user's code; its own message is kept in ours
+        raise InputError(f"{_batch_label(spec, part, start)} raised {type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:300] if str(err) else '(no message)'}") from err
+    if values is None or isinstance(values, (str, bytes, dict)) or np.ndim(values) != 1:
+        shown = repr(values)[:80]
+        raise InputError(f"{_batch_label(spec, part, start)} returned {type(values).__name__} {shown}; it must return "
+                         f"a list of {len(part)} floats, one per completion")
+    return check_rewards(values, len(part), f"reward function {spec}", part,
+                         where=f" in the batch of rows {start}–{start + len(part) - 1}")
+
+
 def function_scorer(spec: str, chunk: int = 512) -> Scorer:
     fn = load_function(spec)
     params = inspect.signature(fn).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    required = [name for name, p in params.items() if p.default is inspect.Parameter.empty
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+                and name not in ("prompts", "completions")]
 
     def score(frame: pd.DataFrame, desc: str = "score", shard: tuple[int, int] = ALL) -> pd.Series:
         extra = [c for c in frame.columns if c not in RESERVED and c != "reward" and (takes_any or c in params)]
+        absent = [name for name in required if name not in extra]
+        if absent:
+            raise InputError(f"reward function {spec} needs the column(s) {absent}, which the rows do not have "
+                             f"(columns: {sorted(c for c in frame.columns if c not in RESERVED)}); give them in the "
+                             "prompt file, or choose a reward function that needs only prompts and completions")
         lo, hi = shard_span(len(frame), chunk, *shard)
-        values: list[float] = []
+        values: list[np.ndarray] = []
         for start in tqdm(range(lo, hi, chunk), desc=desc, unit="chunk", dynamic_ncols=True):
             part = frame.iloc[start : min(start + chunk, hi)]
             kwargs = {c: list(part[c]) for c in extra}
-            values.extend(fn(prompts=list(part["prompt"]), completions=list(part["response"]), **kwargs))
+            values.append(call_reward_function(fn, spec, part, start, kwargs))
         rows = np.arange(lo, hi)
-        return pd.Series(check_rewards(values, len(rows), f"reward function {spec}", frame.iloc[rows]), index=rows)
+        return pd.Series(np.concatenate(values) if values else np.empty(0), index=rows)
 
     return score
 

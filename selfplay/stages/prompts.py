@@ -36,12 +36,35 @@ def requires(r: int, cfg=None) -> list[tuple[int, str]]:
     return [(r - 1, "train")] if cfg is not None and cfg.prompts.evolve and r > 0 else []
 
 
+def _bad_jsonl_line(file: Path) -> str | None:
+    """Where a JSONL file stops being JSON: 'line N: why' (None when every line parses)."""
+    import json
+
+    with open(file, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    json.loads(line.rstrip("\r\n"))
+                except json.JSONDecodeError as err:
+                    return f"line {number} is not valid JSON: {err.msg} at column {err.colno}"
+    return None
+
+
+def _is_chat_messages(value) -> bool:
+    import numpy as np
+
+    items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    return bool(items) and all(isinstance(m, dict) and "content" in m for m in items)
+
+
 def read_prompt_file(path: str, column: str, id_column: str | None, invalid: str = "fail",
                      max_tokens: int | None = None, count_tokens: Callable[[list[str]], list[int]] | None = None
                      ) -> pd.DataFrame:
     """A prompt table with prompt_id and prompt columns; clear errors for anything unusable. Empty prompts and prompts
     over `max_tokens` (as `count_tokens` counts them) fail, or are dropped with `invalid="skip"` (counts in attrs)."""
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise InputError(f"prompts file {file} is a directory; give one .parquet, .jsonl, .json or .csv file")
     if not file.is_file():
         raise InputError(f"prompts file {file} does not exist")
     suffix = file.suffix.lower()
@@ -55,7 +78,8 @@ def read_prompt_file(path: str, column: str, id_column: str | None, invalid: str
         else:
             raise InputError(f"prompts file {file}: unsupported type {suffix!r} (use .parquet, .jsonl, .json or .csv)")
     except (ValueError, UnicodeDecodeError) as err:
-        raise InputError(f"prompts file {file}: cannot be read ({type(err).__name__}: {err})") from err
+        where = _bad_jsonl_line(file) if suffix == ".jsonl" and not isinstance(err, UnicodeDecodeError) else None
+        raise InputError(f"prompts file {file}: cannot be read ({where or f'{type(err).__name__}: {err}'})") from err
     if df.empty:
         raise InputError(f"prompts file {file}: no rows")
     if column not in df.columns:
@@ -72,6 +96,11 @@ def read_prompt_file(path: str, column: str, id_column: str | None, invalid: str
     else:
         df.insert(0, "prompt_id", [f"{file.stem}-{i:06d}" for i in range(len(df))])
     empty = ~df["prompt"].map(lambda p: isinstance(p, str) and p.strip() != "")
+    chat = df["prompt"].map(_is_chat_messages)
+    if chat.any():
+        raise InputError(f"prompts file {file}: row {df.index[chat][0]} holds chat messages (a list of role/content "
+                         f"dicts), not text ({int(chat.sum())} such rows); give the user's request as plain text: "
+                         "selfplay applies the policy's chat template itself")
     if empty.any() and invalid == "fail":
         raise InputError(f"prompts file {file}: row {df.index[empty][0]} has an empty or non-text prompt "
                          f"({int(empty.sum())} such rows; prompts.invalid=skip drops them)")

@@ -33,7 +33,7 @@ from .. import faults
 from ..chat import template_sha256
 from ..checkpoints import last_trainer_checkpoint
 from ..distributed import lora_config, plan_memory, run_distributed, topology
-from ..errors import NoPairsError
+from ..errors import NoPairsError, UnchangedPolicyError
 from ..modeling import load_causal_lm, load_tokenizer, torch_device
 from ..precision import train_bf16
 from ..tracking import trainer_report_to
@@ -188,7 +188,21 @@ def _mmpo_cpo_trainer_class():
     return MMPOCPOTrainer
 
 
-def common_args(cfg, output_dir: str, report_to: str | list[str] = "none") -> dict:
+def optimizer_steps(cfg, num_pairs: int, world_size: int = 1) -> int:
+    """Optimizer steps of a round, as the Trainer counts them: ceil(micro-batches / accumulation) per epoch."""
+    t = cfg.trainer
+    micro_batches = math.ceil(num_pairs / (t.batch_size * world_size))
+    return math.ceil(micro_batches / t.gradient_accumulation_steps) * t.epochs
+
+
+def warmup_steps(cfg, num_pairs: int, world_size: int = 1) -> int:
+    """trainer.warmup_ratio as whole steps, rounded down and always short of the last step. Transformers rounds the
+    fraction up, so a 10% warm-up made a 1–9-step round's first step (a one-step round's only step) run at lr 0."""
+    steps = optimizer_steps(cfg, num_pairs, world_size)
+    return max(0, min(int(cfg.trainer.warmup_ratio * steps), steps - 1))
+
+
+def common_args(cfg, output_dir: str, report_to: str | list[str] = "none", num_pairs: int = 0) -> dict:
     t = cfg.trainer
     return dict(
         output_dir=output_dir,
@@ -199,7 +213,7 @@ def common_args(cfg, output_dir: str, report_to: str | list[str] = "none") -> di
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         optim=t.optim,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a fraction of the steps in transformers 5
+        warmup_steps=warmup_steps(cfg, num_pairs, int(os.environ.get("WORLD_SIZE", "1"))),
         beta=t.beta,
         max_length=t.max_length,
         bf16=train_bf16(cfg),  # accelerate's autocast; the weights and AdamW's state stay in model.dtype
@@ -231,7 +245,7 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
     if t.objective == "simpo" or (mmpo and t.mmpo_logits == "simpo"):
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-        args = CPOConfig(**common_args(cfg, output_dir, report_to), loss_type="simpo", cpo_alpha=0.0,
+        args = CPOConfig(**common_args(cfg, output_dir, report_to, len(selected)), loss_type="simpo", cpo_alpha=0.0,
                          simpo_gamma=t.simpo_gamma if mmpo else t.gamma)
         trainer_class = _mmpo_cpo_trainer_class() if mmpo else CPOTrainer
         return trainer_class(model=model, args=args, train_dataset=Dataset.from_dict(columns),
@@ -249,7 +263,7 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
         ref_model = load_causal_lm(resolve_model_path(cfg.model.reference), cfg.model.dtype, model.device,
                                    cfg.model.trust_remote_code)
     # MMPO reads the reference log-probs from the batch: without reuse, TRL precomputes them from the same reference.
-    args = DPOConfig(**common_args(cfg, output_dir, report_to), precompute_ref_log_probs=reuse or mmpo)
+    args = DPOConfig(**common_args(cfg, output_dir, report_to, len(selected)), precompute_ref_log_probs=reuse or mmpo)
     trainer_class = _mmpo_dpo_trainer_class() if mmpo else _dpo_trainer_class()
     return trainer_class(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(columns),
                          processing_class=tokenizer, peft_config=peft)
@@ -328,6 +342,30 @@ def merge_adapter(base: Path, adapter: Path, target: Path, cfg) -> None:
     merged.save_pretrained(str(target), safe_serialization=True)
 
 
+def changed_tensor(before: Path, after: Path) -> str | None:
+    """The name of a tensor that differs between two saved models (safetensors, any sharding), or None when every
+    tensor they share is equal bit for bit. Training changes nearly every tensor, so this usually reads one."""
+    import torch
+    from safetensors import safe_open
+
+    def index(directory: Path) -> dict[str, Path]:
+        files = {}
+        for file in sorted(Path(directory).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                files.update({name: file for name in handle.keys()})  # noqa: SIM118 — not iterable
+        return files
+
+    old, new = index(before), index(after)
+    for name in [n for n in new if n in old]:
+        with safe_open(str(old[name]), framework="pt") as a, safe_open(str(new[name]), framework="pt") as b:
+            x, y = a.get_tensor(name), b.get_tensor(name)
+        if x.dtype != y.dtype:  # e.g. bf16 weights on disk trained as model.dtype=float32: compare the values
+            x, y = x.float(), y.float()
+        if x.shape != y.shape or not torch.equal(x, y):
+            return name
+    return None
+
+
 def run(ctx) -> None:
     cfg = ctx.cfg
     selected = ctx.read_parquet("selected.parquet")
@@ -352,4 +390,12 @@ def run(ctx) -> None:
         stats = json.loads((ctx.out / "stats.json").read_text())
         for scratch in ("config.yaml", "stats.json"):
             (ctx.out / scratch).unlink()
-    ctx.stats.update(stats, memory_estimate_gib=round(memory["total"], 3))
+    changed = changed_tensor(ctx.policy_path(), ctx.out / "policy")
+    if changed is None:
+        raise UnchangedPolicyError(
+            f"round {ctx.round} train: the trained policy equals π_{ctx.round} in every weight after "
+            f"{stats['steps']} optimizer step(s) at trainer.learning_rate={cfg.trainer.learning_rate} "
+            f"(warm-up {warmup_steps(cfg, len(selected), stats['world_size'])} step(s)): nothing was learnt, so the "
+            "stage fails instead of passing the same policy on. Raise trainer.learning_rate, or give the round more "
+            "pairs (prompts.per_round, selection.ratio)")
+    ctx.stats.update(stats, memory_estimate_gib=round(memory["total"], 3), first_changed_tensor=changed)
