@@ -148,6 +148,40 @@ def _runs(runs: list[tuple[str, int, Path]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+BASE_ARM = "π_0"
+
+
+def per_prompt_rewards(runs: pd.DataFrame, r: int) -> pd.DataFrame:
+    """arm, seed, prompt_id, reward: every run's held-out reward per prompt after round r, and π_0's per seed."""
+    frames = []
+    for arm, seed, run_dir in runs[["arm", "seed", "dir"]].drop_duplicates().itertuples(index=False):
+        for name, label in ((f"round_{r:02d}/eval_generations.parquet", arm),
+                            ("round_00/eval_base_generations.parquet", BASE_ARM)):
+            path = Path(run_dir) / name
+            if path.is_file():
+                mine = pd.read_parquet(path, columns=["prompt_id", "reward"]).groupby("prompt_id", as_index=False).mean()
+                frames.append(mine.assign(arm=label, seed=int(seed)))
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["arm", "seed", "prompt_id", "reward"])
+    return table.drop_duplicates(["arm", "seed", "prompt_id"])
+
+
+def _statistics(runs: pd.DataFrame, arms: list[str], r: int) -> list[dict]:
+    """Each arm against π_0, random and explicit (those that ran), paired by seed and prompt."""
+    from .stats import paired_difference
+
+    table = per_prompt_rewards(runs, r)
+    out = []
+    for arm in arms:
+        for versus in (BASE_ARM, "random", "explicit"):
+            if versus == arm or versus not in set(table["arm"]) or arm not in set(table["arm"]):
+                continue
+            try:
+                out.append(paired_difference(table, arm, versus).as_dict())
+            except ValueError:  # no (seed, prompt) in common yet
+                continue
+    return out
+
+
 def _spread(values: pd.Series) -> str:
     mean = values.mean()
     if len(values) < 2:
@@ -298,11 +332,30 @@ def write_comparison(compare_dir: Path, run_dirs: list[Path] | None = None) -> P
             paired.append({"arm": arm, "versus": reference, "seeds": len(diff), "mean_difference": diff.mean(),
                            "std": std, "wins": int((diff > 0).sum())})
             lines.append(f"| {arm} | {len(diff)} | {diff.mean():+.4f} | {std:.4f} | {int((diff > 0).sum())}/{len(diff)} |")
+    statistics = _statistics(runs, arms, last)
+    if statistics:
+        lines += ["", f"## Verdicts (after round {last}; 95% intervals from a bootstrap over seeds, then held-out "
+                  "prompts within them; selfplay/stats.py)", "",
+                  "| arm | gain vs π_0 | vs random | vs explicit | verdict |", "|---|---|---|---|---|"]
+        for arm in arms:
+            mine = {d["versus"]: d for d in statistics if d["arm"] == arm}
+
+            def cell(versus: str, mine=mine) -> str:
+                d = mine.get(versus)
+                return "–" if d is None else f"{d['estimate']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+
+            said = [mine[v]["verdict"] for v in ("random", "explicit") if v in mine]
+            lines.append(f"| {arm} | {cell(BASE_ARM)} | {cell('random')} | {cell('explicit')} | {'; '.join(said)} |")
+        mdd = [d["mdd_80"] for d in statistics if d["versus"] == "random"]
+        if mdd:
+            lines += ["", f"Minimum detectable difference against random at 80% power (two-sided 5%): "
+                      f"±{float(np.median(mdd)):.3f} (median over arms; 2.8 × the bootstrap s.e.)."]
     lines += ["", "Per-run reports: " + ", ".join(
         f"[{a} seed {s}]({os.path.relpath(Path(d) / 'report.md', compare_dir)})"
         for a, s, d in runs[["arm", "seed", "dir"]].drop_duplicates().itertuples(index=False)), ""]
     write_json_atomic(compare_dir / "compare.json", {"runs": runs.to_dict(orient="records"), "final": table,
-                                                     "paired": paired, "base_heldout_reward": base})
+                                                     "paired": paired, "base_heldout_reward": base,
+                                                     "statistics": statistics})
     path = compare_dir / "report.md"
     tmp = compare_dir / ".report.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,15 @@ def test_compare_runs_every_arm_and_seed_and_reports_them(compare_run):
         assert row.heldout_reward == pytest.approx(ev["mean_reward"])
     for name in ("compare_reward_per_round.png", "compare_margins_scatter.png", "compare_margin_hist.png"):
         assert (cmp_dir / name).stat().st_size > 1000
+    # The verdicts: each arm's gain over π_0 and its difference from random, paired by seed and prompt.
+    assert "## Verdicts" in report and "Minimum detectable difference against random" in report
+    stats = {(d["arm"], d["versus"]): d for d in result["statistics"]}
+    for arm in ARMS:
+        gain = stats[(arm, "π_0")]
+        assert gain["estimate"] == pytest.approx(runs[runs["arm"] == arm]["gain"].mean())
+        assert gain["seeds"] == 2 and gain["ci95"][0] <= gain["estimate"] <= gain["ci95"][1]
+        if arm != "random":
+            assert re.match(r"(better than|worse than|no difference from) random", stats[(arm, "random")]["verdict"])
 
 
 def test_compare_shares_round0_data_within_a_seed_only(compare_run):
