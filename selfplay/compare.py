@@ -144,7 +144,10 @@ def _runs(runs: list[tuple[str, int, Path]]) -> pd.DataFrame:
             rows.append({"arm": arm, "seed": seed, "round": s["round"], "heldout_reward": s["heldout_reward"],
                          "base_heldout_reward": s["base_heldout_reward"], "gain": s["gain_vs_base"],
                          "win_rate": s["win_rate_vs_base"], "selected": s["selected"], "pairs": s["pairs"],
-                         "dir": str(run_dir)})
+                         "gain_trained_families": s.get("gain_trained_families"),
+                         "gain_unseen_families": s.get("gain_unseen_families"),
+                         "drift_logp_per_token": s.get("drift_logp_per_token"),
+                         "heldout_response_tokens": s.get("heldout_response_tokens"), "dir": str(run_dir)})
     return pd.DataFrame(rows)
 
 
@@ -180,6 +183,16 @@ def _statistics(runs: pd.DataFrame, arms: list[str], r: int) -> list[dict]:
             except ValueError:  # no (seed, prompt) in common yet
                 continue
     return out
+
+
+def _mean(values: pd.Series) -> float | None:
+    values = pd.to_numeric(values, errors="coerce").dropna()
+    return float(values.mean()) if len(values) else None
+
+
+def _mean_or_dash(values: pd.Series, fmt: str) -> str:
+    mean = _mean(values)
+    return "–" if mean is None else format(mean, fmt)
 
 
 def _spread(values: pd.Series) -> str:
@@ -307,12 +320,21 @@ def write_comparison(compare_dir: Path, run_dirs: list[Path] | None = None) -> P
               f"{base:.3f}. Spread = sample std across seeds (ddof 1).", ""]
     lines += [f"![{p}]({p})" for p in plots] + [""]
     lines += [f"## After round {last} (π_{last + 1})", "",
-              "| arm | seeds | held-out reward | gain vs π_0 | win rate vs π_0 | pairs trained on (per round) |",
-              "|---|---|---|---|---|---|"]
+              "Capability guard: the gain on held-out prompts of the checker families trained on and of the families "
+              "only the eval uses (prompts.eval_only_families), the drift (mean per-token log-prob of π_0's greedy "
+              "held-out answers under the policy, minus under π_0) and the held-out answers' mean length.", "",
+              "| arm | seeds | held-out reward | gain vs π_0 | win rate vs π_0 | pairs trained on (per round) | "
+              "gain, trained families | gain, unseen families | drift (nats/token) | answer tokens |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         mine = final[final["arm"] == row["arm"]]
+        guard = [_mean_or_dash(mine[c], fmt) for c, fmt in (("gain_trained_families", "+.3f"),
+                 ("gain_unseen_families", "+.3f"), ("drift_logp_per_token", "+.3f"), ("heldout_response_tokens", ".1f"))]
         lines.append(f"| {row['arm']} | {row['seeds']} | {_spread(mine['heldout_reward'])} | "
-                     f"{_spread(mine['gain'])} | {mine['win_rate'].mean():.2f} | {row['selected_mean']:.1f} |")
+                     f"{_spread(mine['gain'])} | {mine['win_rate'].mean():.2f} | {row['selected_mean']:.1f} | "
+                     + " | ".join(guard) + " |")
+        row.update({c: _mean(mine[c]) for c in ("gain_trained_families", "gain_unseen_families",
+                                                "drift_logp_per_token", "heldout_response_tokens")})
     # Same seed = same round-0 data and held-out prompts: arm differences paired by seed cancel that shared noise.
     paired = []
     for reference in ("random", "explicit"):

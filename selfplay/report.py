@@ -32,6 +32,11 @@ def round_summary(r: int, manifests: dict[str, dict]) -> dict[str, Any]:
         "gain_stderr": ev.get("reward_gain_stderr", float("nan")),
         "gain_ci95": [ev.get("reward_gain_ci95_low", float("nan")), ev.get("reward_gain_ci95_high", float("nan"))],
         "gain_p_value": ev.get("reward_gain_p_value", float("nan")),
+        # the capability guard (None where the run did not measure it)
+        "gain_trained_families": ev.get("gain_trained_families"),
+        "gain_unseen_families": ev.get("gain_unseen_families"),
+        "drift_logp_per_token": ev.get("drift_logp_per_token"),
+        "heldout_response_tokens": ev.get("mean_response_tokens"),
         "seconds": sec,
     }
     times = " ".join(f"{stage} {sec[stage]:.0f}s" for stage in sec)
@@ -121,9 +126,13 @@ def write_report(run_dir: Path, summaries: list[dict[str, Any]], missing: list[s
                   "Policy–judge agreement: the share of the round's pairs that π_r already orders like the judge "
                   "(implicit margin > 0). Rising means the policy is learning the judge's preferences on its own "
                   "fresh samples; all-tie prompts give no pair and so no training signal.", "",
-                  "| round | mean response tokens (π_r) | all-tie prompts | policy–judge agreement |", "|---|---|---|---|"]
+                  "Drift: the mean per-token log-prob of π_0's greedy held-out answers under π_r+1, minus under π_0 "
+                  "(eval.drift; a judge-free sign of how far the policy has moved from what it used to say).", "",
+                  "| round | mean response tokens (π_r) | all-tie prompts | policy–judge agreement | drift of π_r+1 "
+                  "(nats/token) |", "|---|---|---|---|---|"]
         lines += [f"| {s['round']} | {s['mean_response_tokens']:.1f} | {s['all_tie_fraction']:.0%} | "
-                  f"{'–' if s['policy_judge_agreement'] is None else format(s['policy_judge_agreement'], '.0%')} |"
+                  f"{'–' if s['policy_judge_agreement'] is None else format(s['policy_judge_agreement'], '.0%')} | "
+                  f"{'–' if s.get('drift_logp_per_token') is None else format(s['drift_logp_per_token'], '+.3f')} |"
                   for s in summaries]
         lines += [""]
         lines += ["Per-round data cards: " + ", ".join(f"[round {s['round']}](round_{s['round']:02d}/card.md)"

@@ -83,6 +83,12 @@ _REPEAT_PROMPT = "combination:repeat_prompt"
 
 # Instruction ids build_prompts() may emit (sorted for a stable sampling order).
 USED_IDS: tuple[str, ...] = tuple(sorted(set(_REGISTRY) - set(_EXCLUDED)))
+# Checker families: an id's part before ':' (prompts.eval_only_families holds some out of training).
+FAMILIES: tuple[str, ...] = tuple(sorted({i.split(":")[0] for i in USED_IDS}))
+
+
+def family(instruction_id: str) -> str:
+    return instruction_id.split(":")[0]
 
 
 # Conflicts we add on top of IFEval's table.
@@ -239,10 +245,10 @@ def _global_random_seeded(seed: int) -> Iterator[None]:
         random.setstate(state)
 
 
-def _pick_ids(rng: random.Random, k: int, min_constraints: int) -> list[str]:
-    """Draw up to k mutually non-conflicting ids (at least min_constraints)."""
+def _pick_ids(rng: random.Random, k: int, min_constraints: int, candidates: tuple[str, ...] = USED_IDS) -> list[str]:
+    """Draw up to k mutually non-conflicting ids (at least min_constraints) from candidates."""
     for _ in range(100):
-        order = list(USED_IDS)
+        order = list(candidates)
         rng.shuffle(order)
         chosen: list[str] = []
         for cand in order:
@@ -303,14 +309,15 @@ _NUMBER_WORDS = "length_constraints:number_words"
 WORD_BUDGET_LINE = "Answer in at most {words} words."
 
 
-def _build_row(index: int, seed: int, id_prefix: str, min_c: int, max_c: int, word_budget: int | None = None) -> dict:
+def _build_row(index: int, seed: int, id_prefix: str, min_c: int, max_c: int, word_budget: int | None = None,
+               candidates: tuple[str, ...] = USED_IDS) -> dict:
     # Per-row RNG seeded from a string (hashed with SHA-512 by `random`, not by
     # Python's salted hash()), so rows are reproducible across processes and a
     # row does not depend on n.
     rng = random.Random(f"selfplay-ifeval:{seed}:{index}")
     task = rng.choice(_BASE_TASKS)
     for _ in range(100):
-        ids = _pick_ids(rng, rng.randint(min_c, max_c), min_c)
+        ids = _pick_ids(rng, rng.randint(min_c, max_c), min_c, candidates)
         parts = [task]
         constraints = []
         for instruction_id in ids:
@@ -348,6 +355,7 @@ def build_prompts(
     max_constraints: int = 3,
     id_prefix: str = "p",
     word_budget: int | None = None,
+    exclude_families: tuple[str, ...] | list[str] = (),
 ) -> list[dict]:
     """Deterministic list of n prompt rows: {"prompt_id": str, "prompt": str, "constraints": str}.
 
@@ -361,12 +369,14 @@ def build_prompts(
     apart by prefix and must use different seeds to get different prompts.
     The global `random` state is left as it was. `word_budget` adds a last, ungraded line asking for at most that
     many words (WORD_BUDGET_LINE) to every row without a word-count constraint of its own; it changes no other text.
+    `exclude_families` draws no instruction of those checker families (FAMILIES); empty, the rows are as without it.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if not 1 <= min_constraints <= max_constraints:
         raise ValueError(f"need 1 <= min_constraints <= max_constraints, got {min_constraints}, {max_constraints}")
-    return [_build_row(i, seed, id_prefix, min_constraints, max_constraints, word_budget) for i in range(n)]
+    candidates = tuple(i for i in USED_IDS if family(i) not in set(exclude_families))
+    return [_build_row(i, seed, id_prefix, min_constraints, max_constraints, word_budget, candidates) for i in range(n)]
 
 
 @functools.lru_cache(maxsize=65536)

@@ -3,7 +3,9 @@
 Input:   round_XX/policy (π_{r+1}); held-out prompts (builtin: a fixed disjoint set; files: prompts.eval_source
          or the last prompts.eval_count rows); round_00/eval_base_generations.parquet for r > 0
 Output:  round_XX/eval.json                    mean_reward, base_mean_reward, win_rate_vs_base, reward_gain_vs_base
-                                               with its paired s.e., 95% interval and sign-flip test p-value, …
+                                               with its paired s.e., 95% interval and sign-flip test p-value; the
+                                               capability guard: mean_reward/gain_{trained,unseen}_families (with
+                                               prompts.eval_only_families) and drift_logp_per_token (eval.drift), …
          round_XX/eval_generations.parquet     prompt_id, prompt, sample_idx, response, reward (π_{r+1})
          round_00/eval_base_generations.parquet  the same for π_0 (round 0 only)
 Win rate counts, per prompt, mean reward of π_{r+1} above π_0's as a win and equal as half a win.
@@ -125,6 +127,46 @@ def paired_gain(diff: np.ndarray, seed: int = 0, draws: int = 20_000) -> dict[st
             "reward_gain_ci95_high": gain + 1.96 * stderr, "reward_gain_p_value": p_value}
 
 
+def family_split(prompts: pd.DataFrame, policy: pd.DataFrame, base: pd.DataFrame, eval_only: list[str]) -> dict:
+    """The capability guard's first two figures: held-out reward (and gain over π_0) on the prompts whose checkers are
+    all of families trained on, and on those that use a family only the eval sees (prompts.eval_only_families)."""
+    if not eval_only or "constraints" not in prompts:
+        return {}
+    from ..rewards.ifeval import family
+
+    unseen = prompts.set_index("prompt_id")["constraints"].map(
+        lambda c: any(family(item["id"]) in eval_only for item in json.loads(c)))
+    out = {}
+    for name, ids in (("trained_families", unseen.index[~unseen]), ("unseen_families", unseen.index[unseen])):
+        mine = policy[policy["prompt_id"].isin(ids)]
+        theirs = base[base["prompt_id"].isin(ids)]
+        out[f"heldout_prompts_{name}"] = int(len(ids))
+        out[f"mean_reward_{name}"] = float(mine["reward"].mean()) if len(mine) else None
+        out[f"gain_{name}"] = float(prompt_differences(mine, theirs).mean()) if len(mine) else None
+    return out
+
+
+def drift(ctx, base: pd.DataFrame) -> dict:
+    """The guard's judge-free figure: mean per-token log-prob of π_0's greedy held-out responses under π_{r+1}, minus
+    under π_0 itself (0 at π_0; falling as the policy moves away from what it used to say), with the tokens of the
+    trainer's own format (selfplay/chat.py)."""
+    from .margin import score_model
+
+    def per_token(policy_path, label: str) -> float:
+        values, _ = score_model(policy_path, base[["prompt", "response"]], ctx.cfg, ctx.device, label, (0, 1))
+        return float(values["logp_sum"].sum() / max(int(values["n_tokens"].sum()), 1))
+
+    mine = per_token(ctx.round_dir / "policy", f"eval π_{ctx.round + 1} drift")
+    if ctx.round == 0:
+        base_value = per_token(ctx.policy_path(0), "eval π_0 drift")
+    else:
+        base_value = json.loads(ctx.path("eval.json", r=0).read_text()).get("base_responses_logp_per_token_pi0")
+        if base_value is None:  # round 0 ran before this figure existed
+            base_value = per_token(ctx.policy_path(0), "eval π_0 drift")
+    return {"base_responses_logp_per_token": mine, "base_responses_logp_per_token_pi0": base_value,
+            "drift_logp_per_token": mine - base_value}
+
+
 def run(ctx) -> None:
     prompts = heldout_prompts(ctx.cfg)
     scorer = build_scorer(ctx.cfg, ctx.device)
@@ -149,5 +191,8 @@ def run(ctx) -> None:
     }
     # Same prompts for both policies: the per-prompt difference gives the gain's honest error bar and test.
     result.update(paired_gain(prompt_differences(policy, base).to_numpy(), seed=ctx.cfg.seed))
+    result.update(family_split(prompts, policy, base, list(ctx.cfg.prompts.eval_only_families)))
+    if ctx.cfg.eval.drift:
+        result.update(drift(ctx, base))
     (ctx.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     ctx.stats.update({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "policy"})

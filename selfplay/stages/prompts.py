@@ -151,7 +151,7 @@ def train_prompts(cfg, r: int) -> pd.DataFrame:
         drawn = p.per_round
         while True:
             rows = build_prompts(drawn, seed=round_seed(cfg.seed, r), id_prefix=f"r{r:02d}-",
-                                 word_budget=cfg.prompts.word_budget)
+                                 word_budget=cfg.prompts.word_budget, exclude_families=list(p.eval_only_families))
             fresh = [row for row in rows if row["prompt"] not in heldout]
             if len(fresh) >= p.per_round:
                 return pd.DataFrame(fresh[: p.per_round])
