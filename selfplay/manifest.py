@@ -74,7 +74,7 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # Options added after runs began: a manifest written before one existed ran with this value, so a run resumed with
 # the same value is not refused (the flattened key, the behaviour before the option).
 ADDED_OPTIONS = {"precision": "fp32", "trainer.optim": "adamw_torch", "prompts.word_budget": None,
-                 "prompts.eval_only_families": [], "eval.drift": True}
+                 "prompts.eval_only_families": [], "eval.drift": False}
 
 
 def diff_config(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

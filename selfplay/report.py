@@ -127,7 +127,7 @@ def write_report(run_dir: Path, summaries: list[dict[str, Any]], missing: list[s
                   "(implicit margin > 0). Rising means the policy is learning the judge's preferences on its own "
                   "fresh samples; all-tie prompts give no pair and so no training signal.", "",
                   "Drift: the mean per-token log-prob of π_0's greedy held-out answers under π_r+1, minus under π_0 "
-                  "(eval.drift; a judge-free sign of how far the policy has moved from what it used to say).", "",
+                  "(eval.drift=true; a judge-free sign of how far the policy has moved from what it used to say).", "",
                   "| round | mean response tokens (π_r) | all-tie prompts | policy–judge agreement | drift of π_r+1 "
                   "(nats/token) |", "|---|---|---|---|---|"]
         lines += [f"| {s['round']} | {s['mean_response_tokens']:.1f} | {s['all_tie_fraction']:.0%} | "

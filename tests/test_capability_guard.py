@@ -14,7 +14,7 @@ from selfplay.rewards.ifeval import family
 def test_eval_only_families_stay_out_of_training_and_eval_reports_both_sides_and_the_drift(tmp_path, tiny_policy):
     overrides = tiny_overrides(tmp_path, tiny_policy, None, run_name="guard")
     proc = run_cli("run", *overrides, "rounds=1", "prompts.per_round=12", "prompts.eval_count=12",
-                   "prompts.eval_only_families=[keywords,detectable_format]")
+                   "prompts.eval_only_families=[keywords,detectable_format]", "eval.drift=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rdir = tmp_path / "guard" / "round_00"
     trained = {family(c["id"]) for cs in pd.read_parquet(rdir / "prompts.parquet")["constraints"] for c in json.loads(cs)}
