@@ -125,15 +125,20 @@ def _hydra(overrides: list[str]) -> int:
     if not multirun and (code := _check_before_hydra(overrides)) is not None:
         return code
     if multirun:  # the jobs' directories are named by these keys (selfplay/sweeps.py)
-        from .sweeps import SWEPT_KEYS_ENV, swept_keys
+        from .sweeps import SWEPT_KEYS_ENV, sweep_jobs, swept_keys
 
-        os.environ[SWEPT_KEYS_ENV] = ",".join(swept_keys(overrides))
+        swept = swept_keys(overrides)
+        for job in sweep_jobs(overrides) or []:  # every job's config checked before Hydra makes the sweep's dirs
+            named = " ".join(o for o in job if o.split("=")[0].lstrip("+~") in swept)
+            if (code := _check_before_hydra(job, lock=False, label=f"sweep job {named}: ")) is not None:
+                return code
+        os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
     sys.argv = ["selfplay", *overrides]
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_app)()
     return 0
 
 
-def _check_before_hydra(overrides: list[str]) -> int | None:
+def _check_before_hydra(overrides: list[str], lock: bool = True, label: str = "") -> int | None:
     """Validate the config and take the run directory's lock before Hydra creates the directory or writes its
     .hydra/ files and log into it: a bad option (or a run another process is writing) touches nothing. Returns an
     exit code to stop with, or None to go on. A config that does not compose is left to Hydra, whose error names
@@ -156,6 +161,8 @@ def _check_before_hydra(overrides: list[str]) -> int | None:
     log.setLevel(logging.INFO)
     try:
         validate(cfg)
+        if not lock:  # a sweep's job: its own process checks its inputs and takes its directory's lock
+            return None
         if _task["command"] == "run":  # the models, reward function and prompt files, before Hydra starts
             from .pipeline import preflight
 
@@ -164,7 +171,7 @@ def _check_before_hydra(overrides: list[str]) -> int | None:
         if not any(o.lstrip("+~").startswith("hydra.run.dir=") for o in overrides):
             runlock.acquire(Path(cfg.output_root) / cfg.run_name, shared=cfg.shard is not None)
     except SelfplayError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {label}{err}", file=sys.stderr)
         return 2
     finally:
         log.removeHandler(early)

@@ -30,6 +30,26 @@ def swept_keys(overrides: list[str]) -> list[str]:
     return [o.key_or_group for o in parsed if o.is_sweep_override()]
 
 
+def sweep_jobs(overrides: list[str], most: int = 512) -> list[list[str]] | None:
+    """Every job's override list of a basic sweep (the cartesian product of the swept values, as Hydra's basic
+    sweeper makes it), for checking each config before anything starts; None when the sweep is not one this can
+    expand (another sweeper's syntax, or more than `most` jobs)."""
+    import itertools
+    import math
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("-")])
+        choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+                   else [o.input_line] for o in parsed]
+    except Exception:  # noqa: BLE001 — Hydra reports what it cannot parse
+        return None
+    if any(len(c) == 0 for c in choices) or math.prod(len(c) for c in choices) > most:
+        return None
+    return [list(job) for job in itertools.product(*choices)]
+
+
 def _short(value: str) -> str:
     if _PLAIN.fullmatch(value) and not value.startswith("."):
         return value[:60] if len(value) <= 60 else f"{value[:40]}-{_hash(value)}"

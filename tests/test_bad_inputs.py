@@ -89,6 +89,8 @@ CASES = [
          no_run_dir=True, overrides=["trainer.warmup_ratio=-0.5"]),
     Case("option_eval_batch_zero", "eval.batch_size: must be ≥ 1, got 0", before_work=True, no_run_dir=True,
          overrides=["eval.batch_size=0"]),
+    Case("sweep_job_invalid", "sweep job trainer.warmup_ratio=-0.5", command="run -m", before_work=True,
+         no_run_dir=True, overrides=["trainer.warmup_ratio=0.1,-0.5"]),
     Case("train_changed_nothing", "the trained policy equals π_0 in every weight", model_edit="no_exact_zeros",
          overrides=["trainer.learning_rate=1e-30"]),
     Case("weights_truncated", "is not a readable safetensors file", before_work=True, no_run_dir=True,
