@@ -71,16 +71,33 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-# Options added after runs began: a manifest written before one existed ran with this value, so a run resumed with
-# the same value is not refused (the flattened key, the behaviour before the option).
-ADDED_OPTIONS = {"precision": "fp32", "trainer.optim": "adamw_torch", "prompts.word_budget": None,
-                 "prompts.eval_only_families": [], "eval.drift": False}
+# A key absent from a manifest written before the option existed compares equal to the option's schema default
+# (selfplay/config.py), and to nothing else: adding an option never refuses a resume at its default. The exceptions
+# are options whose behaviour before they existed is not today's default (the flattened key → that behaviour).
+ADDED_OPTIONS = {"precision": "fp32"}
 
 
-def diff_config(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def schema_default(key: str, schema: Any = None) -> Any:
+    """The default of a dotted config key in the config dataclasses (MISSING when there is no such key)."""
+    from dataclasses import MISSING, is_dataclass
+
+    from .config import Config
+
+    value: Any = (schema or Config)()
+    for part in key.split("."):
+        value = getattr(value, part, MISSING) if is_dataclass(value) else MISSING
+    return MISSING if is_dataclass(value) else value
+
+
+def diff_config(old: Mapping[str, Any], new: Mapping[str, Any], schema: Any = None) -> list[str]:
     """Human-readable `key: old -> new` lines for the keys whose values differ."""
+    from dataclasses import MISSING
+
     a, b = flatten(old), flatten(new)
-    a.update({k: v for k, v in ADDED_OPTIONS.items() if k in b and k not in a})
+    for key in set(b) - set(a):
+        before = ADDED_OPTIONS[key] if key in ADDED_OPTIONS else schema_default(key, schema)
+        if before is not MISSING:
+            a[key] = before
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

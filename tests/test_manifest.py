@@ -65,3 +65,30 @@ def test_stale_temp_dir_from_a_killed_attempt_is_discarded(tmp_path):
     (rdir / ".tmp-score" / "out.txt").write_text("partial")
     commit(rdir, content="full")
     assert (rdir / "out.txt").read_text() == "full"
+
+
+def test_a_key_absent_from_an_older_manifest_equals_its_default_and_nothing_else():
+    """Upgrade rule: a manifest written before an option existed resumes when the option is at its schema default;
+    set to anything else, the stage is refused. A new option needs no entry anywhere for this."""
+    from dataclasses import dataclass, field
+
+    from selfplay.config import Config, TrainerConfig, option
+    from selfplay.manifest import diff_config
+
+    @dataclass
+    class TrainerWithKnob(TrainerConfig):
+        new_knob: int = option(3, ge=1)
+
+    @dataclass
+    class ConfigWithKnob(Config):
+        trainer: TrainerWithKnob = field(default_factory=TrainerWithKnob)
+
+    old = {"trainer": {"beta": 0.1}}
+    assert diff_config(old, {"trainer": {"beta": 0.1, "new_knob": 3}}, schema=ConfigWithKnob) == []
+    assert diff_config(old, {"trainer": {"beta": 0.1, "new_knob": 5}}, schema=ConfigWithKnob) == [
+        "trainer.new_knob: 3 -> 5"]
+    # options added since runs began, at their defaults, do not refuse a resume either
+    assert diff_config({"prompts": {"per_round": 48}}, {"prompts": {"per_round": 48, "word_budget": None,
+                                                                    "eval_only_families": []}}) == []
+    # the exception table: before `precision` existed every run was fp32
+    assert diff_config({}, {"precision": "fp32"}) == [] and diff_config({}, {"precision": "bf16"}) != []
