@@ -195,4 +195,5 @@ def run(ctx) -> None:
     if ctx.cfg.eval.drift:
         result.update(drift(ctx, base))
     (ctx.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    ctx.stats.update({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items() if k != "policy"})
+    # 4 significant digits, not 4 decimals: a p-value of 5e-05 must not read as 0 in the summary line
+    ctx.stats.update({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in result.items() if k != "policy"})
