@@ -195,5 +195,9 @@ def run(ctx) -> None:
     if ctx.cfg.eval.drift:
         result.update(drift(ctx, base))
     (ctx.out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    # 4 significant digits, not 4 decimals: a p-value of 5e-05 must not read as 0 in the summary line
-    ctx.stats.update({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in result.items() if k != "policy"})
+    ctx.stats.update({k: _short_float(v) if isinstance(v, float) else v for k, v in result.items() if k != "policy"})
+
+
+def _short_float(value: float) -> float:
+    """4 decimals, or 2 significant digits below 0.001: a p-value of 5e-05 must not read as 0 in the summary line."""
+    return round(value, 4) if abs(value) >= 1e-3 or value == 0 else float(f"{value:.2g}")
