@@ -10,6 +10,7 @@ ends, so a killed holder never blocks the next run. Each holder leaves a small n
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import fcntl
 import json
@@ -98,4 +99,6 @@ def release(run_dir: Path) -> None:
     if fd is None:
         return
     _note_path(run_dir).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # only when no other holder's note is in it; the lock file itself stays
+        (run_dir / HOLDERS).rmdir()
     os.close(fd)

@@ -98,8 +98,10 @@ def finished_outputs(run_dir: Path) -> dict[str, dict]:
 
 
 def leftovers(run_dir: Path) -> list[str]:
+    """Hidden files left in a run directory, less Hydra's and the run's lock file (selfplay/runlock.py: it stays,
+    and the holders' notes go with their holders)."""
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob(".*")
-                  if p.name != ".hydra" and ".hydra" not in p.relative_to(run_dir).parts)
+                  if p.name not in (".hydra", ".lock") and ".hydra" not in p.relative_to(run_dir).parts)
 
 
 def assert_same_result(run_dir: Path, reference: Path) -> None:
