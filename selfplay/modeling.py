@@ -53,6 +53,25 @@ def resolve_model_path(path: str) -> Path:
     return directory
 
 
+class _UnreadableWeights(OSError):
+    """A safetensors file whose header does not open; `filename` names it."""
+
+
+def safetensors_index(directory: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Every tensor of a model directory's safetensors files (any sharding): name → (file, shape), headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    index: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 — safe_open is not iterable
+                    index[name] = (file, tuple(handle.get_slice(name).get_shape()))
+        except SafetensorError as err:
+            raise _UnreadableWeights(None, str(err), str(file)) from err
+    return index
+
+
 def check_weights(directory: Path, kind: str = "causal_lm", trust_remote_code: bool = False) -> int:
     """Open the model's config.json and every safetensors header (not the tensors), and compare each tensor's shape
     with the one the architecture in config.json gives it: a truncated file, a config from another model size or a
@@ -60,7 +79,6 @@ def check_weights(directory: Path, kind: str = "causal_lm", trust_remote_code: b
     import json
 
     import torch
-    from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     directory = Path(directory)
@@ -68,14 +86,10 @@ def check_weights(directory: Path, kind: str = "causal_lm", trust_remote_code: b
         json.loads((directory / "config.json").read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise ModelDirError(f"{directory / 'config.json'} is not valid JSON ({err})") from err
-    stored: dict[str, tuple[tuple[int, ...], Path, str]] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 — safe_open is not iterable
-                    stored[name] = (tuple(handle.get_slice(name).get_shape()), file, name)
-        except (SafetensorError, OSError) as err:
-            raise ModelDirError(f"{file} is not a readable safetensors file ({err})") from err
+    try:
+        stored = {name: (shape, file, name) for name, (file, shape) in safetensors_index(directory).items()}
+    except OSError as err:
+        raise ModelDirError(f"{err.filename} is not a readable safetensors file ({err.strerror})") from err
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
         builder = AutoModelForSequenceClassification if kind == "sequence_classification" else AutoModelForCausalLM

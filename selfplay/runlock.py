@@ -36,7 +36,8 @@ def _note_path(run_dir: Path) -> Path:
 
 
 def holders(run_dir: Path) -> list[dict]:
-    """The notes of the processes that hold (or held, if killed) the lock, live ones on this host first."""
+    """The notes of the processes that hold the lock: a note from this host whose pid is gone (a killed holder) is
+    left out; notes from other hosts cannot be checked and are kept."""
     notes = []
     for path in sorted((run_dir / HOLDERS).glob("*.json")):
         try:

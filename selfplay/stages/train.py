@@ -348,16 +348,11 @@ def changed_tensor(before: Path, after: Path) -> str | None:
     import torch
     from safetensors import safe_open
 
-    def index(directory: Path) -> dict[str, Path]:
-        files = {}
-        for file in sorted(Path(directory).glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as handle:
-                files.update({name: file for name in handle.keys()})  # noqa: SIM118 — not iterable
-        return files
+    from ..modeling import safetensors_index
 
-    old, new = index(before), index(after)
+    old, new = safetensors_index(before), safetensors_index(after)
     for name in [n for n in new if n in old]:
-        with safe_open(str(old[name]), framework="pt") as a, safe_open(str(new[name]), framework="pt") as b:
+        with safe_open(str(old[name][0]), framework="pt") as a, safe_open(str(new[name][0]), framework="pt") as b:
             x, y = a.get_tensor(name), b.get_tensor(name)
         if x.dtype != y.dtype:  # e.g. bf16 weights on disk trained as model.dtype=float32: compare the values
             x, y = x.float(), y.float()
