@@ -1,4 +1,4 @@
-"""The README's bad-input table, one test per row: each input makes the real `selfplay` command stop with the
+"""The bad-input table (docs/reliability.md), one test per row: each input makes the real `selfplay` command stop with the
 row's message on stderr, exit 2 (no traceback), and leave no half-written output. Inputs that can be checked before
 any work (prompt files, model directories, config) stop before a round directory exists."""
 
@@ -24,7 +24,7 @@ LONG_PROMPT = "Explain, in detail and with examples, " * 10
 @dataclass
 class Case:
     id: str
-    message: str  # what the README's table shows, and the test looks for in stderr
+    message: str  # what the bad-input table shows, and the test looks for in stderr
     command: str = "run"
     before_work: bool = False  # stopped before any round directory was made
     exit_code: int = 2
@@ -255,8 +255,8 @@ def test_run_directories_follow_the_users_umask(tmp_path, tiny_policy):
 
 
 def test_readme_table_is_this_file():
-    """Every README row names a case here with the same message, and every case has a row."""
-    readme = (ROOT / "README.md").read_text()
+    """Every row of docs/reliability.md's bad-input table names a case here with the same message, and every case has a row."""
+    readme = (ROOT / "docs" / "reliability.md").read_text()
     rows = re.findall(r"^\| (.+?) \| `(.+?)` \| `(\w+)` \|$", readme, flags=re.M)
     table = {case_id: message for _, message, case_id in rows}
     cases = {c.id: c.message for c in CASES}

@@ -1,6 +1,6 @@
 """precision=auto|fp32|bf16 (selfplay/precision.py): detection of the CPU's bf16 units, resolution at start-up, and
 the numbers kept under bf16 — DPO's first loss is ln 2 with the margin stage's reused reference log-probs, and
-rescoring and reward scoring agree with fp32 within the tolerances documented here and in the README."""
+rescoring and reward scoring agree with fp32 within the tolerances documented here and in docs/performance.md."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from selfplay.manifest import diff_config
 from selfplay.precision import cpu_bf16_unit, engine_dtype, native_bf16, resolve, stage_bf16, train_bf16
 
 # bf16 keeps 8 significant bits: each matmul output is rounded to a relative u = 2⁻⁸ ≈ 0.4%, and through 30 layers a
-# few such roundings add up in each token's log-prob (logit − logsumexp). Documented tolerances (README), each ≈ 5·u:
+# few such roundings add up in each token's log-prob (logit − logsumexp). Documented tolerances (docs/performance.md), each ≈ 5·u:
 LOGP_REL_TOL = 0.02  # |Δ| of a response's log-prob sum against |sum| (measured 2026-12-01: at most 1.0%)
 REWARD_REL_TOL = 0.05  # |Δ reward| against the spread (std) of the batch's rewards
 

@@ -1,5 +1,5 @@
 """One run, one writer (selfplay/runlock.py), Ctrl-C, sweep directories and half-finished reports, through the real
-`selfplay` command. Rows of the README's bad-input table: run_locked, interrupted, sweep_names, report_unfinished."""
+`selfplay` command. Rows of the bad-input table (docs/reliability.md): run_locked, interrupted, sweep_names, report_unfinished."""
 
 from __future__ import annotations
 

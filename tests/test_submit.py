@@ -121,7 +121,7 @@ def test_resubmission_leaves_out_what_is_complete_and_retries_only_missing_shard
 
 
 def test_the_committed_multinode_example_is_what_submit_prints():
-    """slurm/examples/llama8b_2node_dry_run.txt (linked from the README) stays true: its first line is the command."""
+    """slurm/examples/llama8b_2node_dry_run.txt (linked from docs/slurm.md) stays true: its first line is the command."""
     import shlex
 
     from conftest import ROOT

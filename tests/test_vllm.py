@@ -3,7 +3,7 @@
 One 2-round `sampler=vllm` run is the reference; the other tests copy it and redo one stage with another setting
 (`force=[stage]`), so each comparison is over exactly the same inputs.
 
-Tolerances (fp32, CPU), documented in the README:
+Tolerances (fp32, CPU), documented in docs/vllm-ray.md:
   reward=vllm vs hf_classifier      |Δ reward| ≤ 1e-4
   margin.backend=vllm vs hf         |Δ log-prob sum| ≤ 1e-4 · tokens + 1e-4 (vLLM's kernels sum in another order)
 """
