@@ -26,11 +26,12 @@ def main() -> None:
     ap.add_argument("--sample", action="store_true", help="sample (T 0.8, top-p 0.95) instead of greedy")
     args = ap.parse_args()
 
-    from selfplay.chat import generation_prompt_ids
-    from selfplay.default_model import ensure_default_policy
+    from selfplay.backends.chat import generation_prompt_ids
+    from selfplay.backends.default_model import ensure_default_policy
+    from selfplay.backends.samplers import SamplingSpec
+    from selfplay.backends.samplers.hf import HFSampler
+
     from selfplay.rewards.ifeval import build_prompts
-    from selfplay.samplers import SamplingSpec
-    from selfplay.samplers.hf import HFSampler
 
     torch.set_num_threads(torch.get_num_threads())
     sampler = HFSampler(ensure_default_policy(), "float32", torch.device("cpu"))

@@ -29,8 +29,7 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from selfplay.cli import conf_dir
-    from selfplay.config import register
+    from selfplay.config import conf_dir, register
 
     register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

@@ -54,8 +54,7 @@ def memory_bandwidth(device: torch.device, mib: int = 512, repeats: int = 6) -> 
 def compose_cfg(precision: str, device: str, extra: list[str] = ()):
     from hydra import compose, initialize_config_dir
 
-    from selfplay.cli import conf_dir
-    from selfplay.config import register
+    from selfplay.config import conf_dir, register
 
     register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -73,18 +72,18 @@ def main() -> None:
     args = ap.parse_args()
 
     import pandas as pd
+    from selfplay.backends.batching import token_budget_batches
+    from selfplay.backends.chat import prompt_messages, response_messages, reward_input_ids, training_tokens
+    from selfplay.backends.default_model import ensure_default_policy
+    from selfplay.backends.logprobs import completion_logps
+    from selfplay.backends.modeling import load_tokenizer
+    from selfplay.backends.precision import native_bf16
+    from selfplay.backends.samplers import SamplingSpec
+    from selfplay.backends.samplers.hf import HFSampler
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from selfplay.batching import token_budget_batches
-    from selfplay.chat import prompt_messages, response_messages, reward_input_ids, training_tokens
-    from selfplay.default_model import ensure_default_policy
-    from selfplay.logprobs import completion_logps
-    from selfplay.modeling import load_tokenizer
-    from selfplay.precision import native_bf16
     from selfplay.rewards.ifeval import build_prompts
     from selfplay.rewards.scoring import classifier_scorer
-    from selfplay.samplers import SamplingSpec
-    from selfplay.samplers.hf import HFSampler
     from selfplay.stages.train import build_trainer
 
     device = torch.device(args.device)

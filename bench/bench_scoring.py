@@ -9,7 +9,7 @@ the embedded SmolLM2-135M's config, or Qwen2.5-0.5B's. Texts are random token st
 16–192 tokens. For each measurement:
 
 * ours — what the stage runs, from text: the chat template and tokenisation (`training_tokens` /
-  `reward_input_ids`), token-budget batches (selfplay/batching.py) and the forward (`completion_logps` through
+  `reward_input_ids`), token-budget batches (selfplay/backends/batching.py) and the forward (`completion_logps` through
   TRL's fused LM head; the reward model's score head);
 * bare — `model(input_ids, attention_mask)` over exactly the same token ids in the same batches, tokenised before
   the clock starts, nothing else (the engine's own speed on this work);
@@ -35,9 +35,8 @@ QWEN25_05B = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, n
 
 
 def model_config(shape: str):
+    from selfplay.backends.default_model import ensure_default_policy
     from transformers import AutoConfig
-
-    from selfplay.default_model import ensure_default_policy
 
     if shape == "smollm2-135m":
         return AutoConfig.from_pretrained(ensure_default_policy())
@@ -85,13 +84,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
 
+    from selfplay.backends.batching import token_budget_batches
+    from selfplay.backends.chat import reward_input_ids, training_tokens
+    from selfplay.backends.default_model import ensure_default_policy
+    from selfplay.backends.logprobs import completion_logps
+    from selfplay.backends.modeling import load_tokenizer
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from selfplay.batching import token_budget_batches
-    from selfplay.chat import reward_input_ids, training_tokens
-    from selfplay.default_model import ensure_default_policy
-    from selfplay.logprobs import completion_logps
-    from selfplay.modeling import load_tokenizer
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -46,15 +46,14 @@ def main() -> None:
     import pandas as pd
     from bench_scoring import model_config, random_texts
     from hydra import compose, initialize_config_dir
+    from selfplay.backends.batching import token_budget_batches
+    from selfplay.backends.chat import prompt_messages, response_messages, training_tokens
+    from selfplay.backends.default_model import ensure_default_policy
+    from selfplay.backends.logprobs import completion_logps
+    from selfplay.backends.modeling import load_tokenizer
     from transformers import AutoModelForCausalLM
 
-    from selfplay.batching import token_budget_batches
-    from selfplay.chat import prompt_messages, response_messages, training_tokens
-    from selfplay.cli import conf_dir
-    from selfplay.config import register
-    from selfplay.default_model import ensure_default_policy
-    from selfplay.logprobs import completion_logps
-    from selfplay.modeling import load_tokenizer
+    from selfplay.config import conf_dir, register
     from selfplay.stages.train import build_trainer
 
     rng = random.Random(0)

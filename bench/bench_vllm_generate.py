@@ -1,7 +1,7 @@
 """Generation throughput: the pipeline's `generate` stage (sampler=vllm, Ray actor) vs a bare `vllm.LLM.generate`.
 
 Both generate the same prompts with the same per-request seeds, the same engine arguments and the same engine
-environment (selfplay.vllm_engine.engine_env), so they produce the same tokens (checked) and differ only in the
+environment (selfplay.backends.vllm_engine.engine_env), so they produce the same tokens (checked) and differ only in the
 path around the engine: Ray actor, placement group, chunked dispatch, decoding and writing parquet. Each side runs
 in its own fresh process, one after the other:
 
@@ -31,17 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def bare(args: argparse.Namespace) -> None:
     """Worker: a bare vLLM engine over the run's prompts; prints one JSON line."""
     import pandas as pd
+    from selfplay.backends.samplers.vllm import eos_token_ids, request_seed
+    from selfplay.backends.vllm_engine import EngineSpec, _cpu_shares, engine_env
 
     from selfplay.config import round_seed
-    from selfplay.samplers.vllm import eos_token_ids, request_seed
-    from selfplay.vllm_engine import EngineSpec, _cpu_shares, engine_env
 
     spec = EngineSpec(model=args.model, dtype="float32", max_model_len=2048, cpu_kv_cache_gb=args.kv_gb)
     os.environ.update(engine_env(spec, _cpu_shares(1)[0]))
     started = time.time()
+    from selfplay.backends.chat import generation_prompt_ids
     from vllm import LLM, SamplingParams
-
-    from selfplay.chat import generation_prompt_ids
 
     llm = LLM(**spec.llm_kwargs())
     start_s = time.time() - started
@@ -78,7 +77,7 @@ def main() -> None:
     if args.bare_worker:
         return bare(args)
 
-    from selfplay.default_model import ensure_default_policy
+    from selfplay.backends.default_model import ensure_default_policy
 
     args.model = args.model or str(ensure_default_policy())
     out = Path(tempfile.mkdtemp(prefix="bench-vllm-"))

@@ -64,10 +64,9 @@ def arm_rows(run_dir: Path) -> list[dict]:
 
 def paired_lines(results: dict[str, dict], reference: str = "default") -> list[str]:
     """Each arm's held-out reward after its last round minus the default's, per held-out prompt (same prompts, same
-    seed), with the bootstrap interval and minimum detectable difference of selfplay/stats.py."""
+    seed), with the bootstrap interval and minimum detectable difference of selfplay/core/stats.py."""
     import pandas as pd
-
-    from selfplay.stats import paired_difference
+    from selfplay.core.stats import paired_difference
 
     frames = []
     for name, arm in results.items():

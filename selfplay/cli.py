@@ -11,7 +11,7 @@
     selfplay status [RUN_DIR | overrides…] [--json]
     selfplay select INPUT OUTPUT [overrides…]      MAP/baseline selection of an existing preference dataset
     selfplay report RUN_DIR                        rebuild report.md and every round's card.md from the files
-    selfplay run experiment=compare                the selection metrics side by side over seeds (selfplay/compare.py)
+    selfplay run experiment=compare                the selection metrics side by side over seeds (selfplay/runner/compare.py)
     selfplay report COMPARE_DIR | RUN RUN… --out DIR   the comparison report of those runs
 Re-running the same command resumes: complete stages are skipped.
 """
@@ -19,40 +19,39 @@ Re-running the same command resumes: complete stages are skipped.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-# Nothing is downloaded at run time: every model and dataset comes from a local path or an installed package.
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # SimPO lives in trl.experimental.cpo, on purpose
-os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from selfplay.backends import precision
+from selfplay.backends.precision import resolve as resolve_precision
+from selfplay.backends.samplers import resolve_backend
+from selfplay.config import STAGES, conf_dir, run_name_problem, validate
+from selfplay.errors import SelfplayError
+from selfplay.reports.comparison import find_runs, is_comparison, write_comparison
+from selfplay.reports.run_report import rebuild
+from selfplay.reports.status import format_status, run_status, status_json
+from selfplay.rundir.shards import SHARDED_STAGES
+from selfplay.runner import compare, pipeline, runlock, sweeps
+from selfplay.runner.offline import select_dataset
+from selfplay.runner.pipeline import preflight
+from selfplay.runner.slurm import submit
+from selfplay.runner.sweeps import SWEPT_KEYS_ENV, is_sweep, sweep_jobs, sweep_runs, swept_keys
 
 log = logging.getLogger("selfplay")
 USAGE = __doc__
 _task: dict[str, str | None] = {"command": None, "stage": None}
 
 
-def conf_dir() -> Path:
-    """The Hydra config tree: inside the package when installed from a wheel, else the repo's top-level conf/."""
-    here = Path(__file__).resolve().parent
-    return here / "conf" if (here / "conf").is_dir() else here.parent / "conf"
-
-
 def _app(cfg) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
-
-    from . import pipeline, precision, runlock, sweeps
-    from .config import STAGES, validate
-    from .errors import SelfplayError
-    from .samplers import resolve_backend
-    from .shards import SHARDED_STAGES
-
     logging.getLogger("selfplay").setLevel(logging.INFO)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -71,7 +70,10 @@ def _app(cfg) -> None:
         if _task["command"] in ("run", None):  # None: a sweep job started by a Hydra launcher (submitit) runs `run`
             if cfg.shard is not None:
                 raise SelfplayError("shard=/num_shards= belong to `selfplay stage generate|score|margin round=R`")
-            pipeline.run(cfg, run_dir, preflight_done=_task.get("preflight_done") == "yes")
+            if cfg.compare.arms:  # experiment=compare: a whole run per arm and seed (selfplay/runner/compare.py)
+                compare.run(cfg, run_dir)
+            else:
+                pipeline.run(cfg, run_dir, preflight_done=_task.get("preflight_done") == "yes")
             return
         stages = _task["stage"].split(",")
         unknown = [s for s in stages if s not in STAGES]
@@ -110,23 +112,17 @@ def disk_full(err: BaseException | None) -> bool:
 
 
 def _hydra(overrides: list[str]) -> int:
-    import hydra
-
-    from .config import register, run_name_problem
-
     # Hydra creates the run directory before the config is validated: refuse a run_name that leads elsewhere first.
     for override in overrides:
         key, _, value = override.partition("=")
         if key.lstrip("+~") == "run_name" and (problem := run_name_problem(value)):
             print(f"run_name: {problem}", file=sys.stderr)
             return 2
-    register()
+    sweeps.register()
     multirun = any(o in ("-m", "--multirun") for o in overrides)
     if not multirun and (code := _check_before_hydra(overrides)) is not None:
         return code
-    if multirun:  # the jobs' directories are named by these keys (selfplay/sweeps.py)
-        from .sweeps import SWEPT_KEYS_ENV, sweep_jobs, swept_keys
-
+    if multirun:  # the jobs' directories are named by these keys (selfplay/runner/sweeps.py)
         swept = swept_keys(overrides)
         for job in sweep_jobs(overrides) or []:  # every job's config checked before Hydra makes the sweep's dirs
             named = " ".join(o for o in job if o.split("=")[0].lstrip("+~") in swept)
@@ -143,12 +139,6 @@ def _check_before_hydra(overrides: list[str], lock: bool = True, label: str = ""
     .hydra/ files and log into it: a bad option (or a run another process is writing) touches nothing. Returns an
     exit code to stop with, or None to go on. A config that does not compose is left to Hydra, whose error names
     the key."""
-    from hydra import compose, initialize_config_dir
-
-    from . import runlock
-    from .config import validate
-    from .errors import SelfplayError
-
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
@@ -164,8 +154,6 @@ def _check_before_hydra(overrides: list[str], lock: bool = True, label: str = ""
         if not lock:  # a sweep's job: its own process checks its inputs and takes its directory's lock
             return None
         if _task["command"] == "run":  # the models, reward function and prompt files, before Hydra starts
-            from .pipeline import preflight
-
             preflight(cfg)
             _task["preflight_done"] = "yes"
         if not any(o.lstrip("+~").startswith("hydra.run.dir=") for o in overrides):
@@ -179,19 +167,13 @@ def _check_before_hydra(overrides: list[str], lock: bool = True, label: str = ""
 
 
 def _status(args: list[str]) -> int:
-    from .status import format_status, run_status, status_json
-
     as_json = "--json" in args
     args = [a for a in args if a != "--json"]
     rounds = None
     if args and "=" not in args[0]:
         run_dir = Path(args[0])
     else:
-        from hydra import compose, initialize_config_dir
-
-        from .config import register
-
-        register()
+        sweeps.register()
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose("config", overrides=args)
         run_dir = Path(cfg.output_root) / cfg.run_name
@@ -199,14 +181,9 @@ def _status(args: list[str]) -> int:
     if not run_dir.is_dir():
         print(f"selfplay status: no run directory {run_dir}", file=sys.stderr)
         return 2
-    from .compare import find_runs, is_comparison
-    from .sweeps import is_sweep, sweep_runs
-
     if is_sweep(run_dir):  # `selfplay run -m …`: every job's run
         runs = sweep_runs(run_dir)
         if as_json:
-            import json
-
             print(json.dumps({d.name: json.loads(status_json(run_status(d, rounds))) for d in runs}, indent=2))
         else:
             print(f"sweep {run_dir}: {len(runs)} runs\n\n" + "\n\n".join(
@@ -220,8 +197,6 @@ def _status(args: list[str]) -> int:
     if is_comparison(run_dir):  # experiment=compare: every arm × seed run
         runs = find_runs(run_dir)
         if as_json:
-            import json
-
             print(json.dumps({f"{arm}/seed{seed}": json.loads(status_json(run_status(d, rounds)))
                               for arm, seed, d in runs}, indent=2))
         else:
@@ -234,21 +209,13 @@ def _status(args: list[str]) -> int:
 
 
 def _select(args: list[str]) -> int:
-    """`selfplay select INPUT OUTPUT [overrides…]` (selfplay/offline.py): no run directory, nothing but OUTPUT written."""
+    """`selfplay select INPUT OUTPUT [overrides…]` (selfplay/runner/offline.py): no run directory, nothing but OUTPUT written."""
     if len(args) < 2 or "=" in args[0] or "=" in args[1]:
         print("usage: selfplay select INPUT OUTPUT [overrides…]   (INPUT: preference pairs .parquet/.jsonl/.json/.csv)",
               file=sys.stderr)
         return 2
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from .config import register, validate
-    from .errors import SelfplayError
-    from .offline import select_dataset
-    from .precision import resolve as resolve_precision
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    register()
+    sweeps.register()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose("config", overrides=args[2:])
@@ -284,8 +251,6 @@ def _report(args: list[str]) -> int:
         print("usage: selfplay report RUN_DIR | COMPARE_DIR | RUN_DIR RUN_DIR… [--out DIR]"
               + (f"\nselfplay report: no run directory {missing[0]}" if missing else ""), file=sys.stderr)
         return 2
-    from .compare import is_comparison, write_comparison
-
     # report writes report.md and summary.json into the directory: only into one that is a run (or comparison).
     foreign = [a for a in args if not is_run_dir(Path(a)) and not (len(args) == 1 and is_comparison(Path(a)))]
     if foreign:
@@ -297,8 +262,6 @@ def _report(args: list[str]) -> int:
     elif is_comparison(Path(args[0])):
         print(write_comparison(Path(args[0])))
     else:
-        from .report import rebuild
-
         path = rebuild(Path(args[0]))
         print(path)
         if "## Not finished" in path.read_text():
@@ -339,9 +302,6 @@ def _main(argv: list[str] | None = None) -> int:
     if command == "status":
         return _status(rest)
     if command == "submit":
-        from .errors import SelfplayError
-        from .slurm import submit
-
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         try:
             return submit(rest)

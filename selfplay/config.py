@@ -6,12 +6,15 @@ with its name (Hydra runs in struct mode). Rules that span fields live in `valid
 
 from __future__ import annotations
 
+import re
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
-from .errors import SelfplayError
+from selfplay.errors import SelfplayError
 
 EMBEDDED_POLICY = "embedded:smollm2-135m-instruct"
 
@@ -74,8 +77,6 @@ def _nullable(f: Any) -> bool:
 def option_problems(cfg: Any, schema: Any = None, prefix: str = "") -> list[str]:
     """Every declared check that a config (a structured DictConfig) fails, as 'option: why', walking the node's own
     dataclass (so a subclassed or extended group is covered too) and its nested groups."""
-    from omegaconf import DictConfig, OmegaConf
-
     schema = schema or OmegaConf.get_type(cfg)
     problems = []
     for f in fields(schema):
@@ -92,6 +93,34 @@ SAMPLER_BACKENDS = ("hf", "vllm")
 REWARD_BACKENDS = ("function", "hf_classifier", "vllm")
 MARGIN_BACKENDS = ("hf", "vllm")
 SELECTION_METRICS = ("map", "explicit", "implicit", "random", "real", "all")
+# The builtin prompts' checker families (an IFEval instruction id's part before ':'); selfplay/rewards/ifeval.py
+# derives them from the checkers it uses and refuses to import if they differ from this list.
+PROMPT_FAMILIES = ("change_case", "combination", "detectable_content", "detectable_format", "keywords", "language",
+                   "length_constraints", "punctuation", "startend")
+
+
+def parse_arm(arm: str) -> dict[str, Any]:
+    """`map-w2.5-signed` → {"metric": "map", "weight": 2.5, "signed": True}; a baseline is its metric's name."""
+    metric, *options = arm.split("-")
+    if metric not in SELECTION_METRICS:
+        raise SelfplayError(f"compare.arms: {arm!r} is not a metric of {SELECTION_METRICS} (map may add -auto, "
+                            "-w<number>, -signed)")
+    out: dict[str, Any] = {"metric": metric}
+    for option in options:
+        if metric != "map":
+            raise SelfplayError(f"compare.arms: {arm!r}: options (-{option}) apply to map only")
+        if option == "auto":
+            out["weight"] = "auto"
+        elif option == "signed":
+            out["signed"] = True
+        elif option.startswith("w"):
+            try:
+                out["weight"] = float(option[1:])
+            except ValueError:
+                raise SelfplayError(f"compare.arms: {arm!r}: -{option} is not -w<number>") from None
+        else:
+            raise SelfplayError(f"compare.arms: {arm!r}: unknown option -{option} (auto, signed, w<number>)")
+    return out
 PAIR_STRATEGIES = ("best_worst", "best_random", "all")
 OBJECTIVES = ("dpo", "simpo", "mmpo")
 MMPO_LOGITS = ("dpo", "simpo")
@@ -112,10 +141,7 @@ def _scheduler_names() -> tuple[str, ...]:
     return tuple(s.value for s in SchedulerType)
 
 
-def _precisions() -> tuple[str, ...]:
-    from .precision import PRECISIONS
-
-    return tuple(PRECISIONS)
+PRECISIONS = ("auto", "fp32", "bf16")  # selfplay/backends/precision.py resolves auto
 
 
 @dataclass
@@ -159,7 +185,7 @@ class PromptsConfig:
     # What an invalid prompt (empty, not text, over max_prompt_tokens) does: fail (one error naming the row) or
     # skip (dropped before rounds and held-out rows are taken; the counts go to the prompts stage's manifest).
     invalid: str = option("fail", choices=("fail", "skip"))
-    # Prompt evolution (selfplay/evolve.py): the round's policy rewrites this many of the round's prompts into harder
+    # Prompt evolution (selfplay/core/evolve.py): the round's policy rewrites this many of the round's prompts into harder
     # variants that join them (0: off). Sampled with the sampler's temperature/top-p.
     evolve: int = option(0, ge=0)
     # Rewrites whose length (characters) changes by more than this factor, either way, are dropped.
@@ -171,6 +197,23 @@ class PromptsConfig:
                                "more depth, or make it more specific. Keep it one self-contained task of similar "
                                "length. Reply with the rewritten task only.\n\nTask: {prompt}")
 
+
+
+def check_prompts(cfg: Any) -> None:
+    """prompts.*: the held-out families and prompt evolution."""
+    p = cfg.prompts
+    if p.eval_only_families:
+        unknown = [f for f in p.eval_only_families if f not in PROMPT_FAMILIES]
+        _require(not unknown, "prompts.eval_only_families",
+                 f"unknown famil(ies) {unknown}; the families are {PROMPT_FAMILIES}")
+        _require(len(set(p.eval_only_families)) < len(PROMPT_FAMILIES), "prompts.eval_only_families",
+                 "must leave at least one family to train on")
+        _require(p.source == "builtin", "prompts.eval_only_families", "applies to the builtin prompts only")
+    _require(p.evolve <= p.per_round, "prompts.evolve",
+             f"must be in [0, prompts.per_round={p.per_round}], got {p.evolve}")
+    if p.evolve:
+        _require("{prompt}" in p.evolve_instruction, "prompts.evolve_instruction",
+                 "must contain {prompt} (where the task to rewrite goes)")
 
 @dataclass
 class SamplerConfig:
@@ -208,6 +251,14 @@ class SamplerConfig:
     overlong_prompts: str = option("skip", choices=("skip", "fail"))
 
 
+
+def check_sampler(cfg: Any) -> None:
+    """sampler.*: enough samples to pair, and room for them."""
+    s = cfg.sampler
+    _require(s.n >= 2, "sampler.n", f"needs ≥ 2 samples per prompt to form a pair, got {s.n}")
+    _require(s.max_model_len > s.max_new_tokens, "sampler.max_model_len",
+             f"must exceed sampler.max_new_tokens={s.max_new_tokens}, got {s.max_model_len}")
+
 @dataclass
 class RewardConfig:
     # Backend: function (a Python `module:function`) | hf_classifier (AutoModelForSequenceClassification) |
@@ -226,6 +277,15 @@ class RewardConfig:
     # Reward-model weights dtype: float32 | bfloat16 | float16 | auto.
     dtype: str = option("float32", choices=DTYPES)
 
+
+
+def check_reward(cfg: Any) -> None:
+    """reward.*: the judge each backend needs."""
+    r = cfg.reward
+    if r.backend == "function":
+        _require(":" in (r.function or ""), "reward.function", f"must be 'module:function', got {r.function!r}")
+    else:
+        _require(bool(r.model), "reward.model", f"reward.backend={r.backend} needs reward.model=<local directory>")
 
 @dataclass
 class PairConfig:
@@ -257,7 +317,7 @@ class SelectionConfig:
     # map | explicit | implicit | random | real | all.
     metric: str = option("map", choices=SELECTION_METRICS)
     # MAP weight w in z(Δex) − w·z(|Δim|): a number ≥ 0, or "auto" (per round, w = max(0, corr(Δex, |Δim|)) over the
-    # pool: the judge's margin beyond what the policy's own margin predicts; selfplay/stages/select.py).
+    # pool: the judge's margin beyond what the policy's own margin predicts; selfplay/core/selection.py).
     weight: Any = 1.0
     # MAP's signed variant z(Δex) − w·z(Δim): a pair the policy orders the wrong way round counts as unlearnt.
     signed: bool = False
@@ -272,6 +332,26 @@ class SelectionConfig:
     # Keep this fraction of the round's pool (rounded up) when top_k is null.
     ratio: float | None = option(0.5, gt=0, le=1)
 
+
+
+def check_selection(cfg: Any) -> None:
+    """selection.*: a weight, a budget, and a budget the pool can meet."""
+    sel = cfg.selection
+    _require(sel.weight == "auto" or (isinstance(sel.weight, (int, float)) and not isinstance(sel.weight, bool)
+                                      and sel.weight >= 0), "selection.weight",
+             f"must be a number ≥ 0 or auto, got {sel.weight!r}")
+    if sel.metric != "all":
+        _require(sel.top_k is not None or sel.ratio is not None, "selection.top_k",
+                 "set selection.top_k or selection.ratio (or selection.metric=all)")
+    if sel.top_k is not None:
+        # A round's pool has at most one pair per prompt (n(n−1)/2 with pair.strategy=all): a larger top_k can never
+        # be met.
+        per_prompt = cfg.sampler.n * (cfg.sampler.n - 1) // 2 if cfg.pair.strategy == "all" else 1
+        round_prompts = cfg.prompts.per_round + cfg.prompts.evolve
+        _require(sel.metric == "all" or sel.top_k <= round_prompts * per_prompt, "selection.top_k",
+                 f"{sel.top_k} is larger than the pool can be (at most {per_prompt} pair(s) per prompt with "
+                 f"pair.strategy={cfg.pair.strategy}, {round_prompts} prompts a round from prompts.per_round + "
+                 "prompts.evolve); lower it, use selection.ratio, or raise prompts.per_round")
 
 @dataclass
 class TrainerConfig:
@@ -308,7 +388,7 @@ class TrainerConfig:
     # Optimizer: any name transformers' TrainingArguments.optim takes (adamw_torch, adamw_torch_fused, sgd, …).
     optim: str = option("adamw_torch", choices=_optimizer_names)
     # none (one process) | ddp | fsdp | deepspeed_zero3: through `accelerate launch` with conf/distributed/<name>.yaml,
-    # over every GPU of the node(s) (selfplay/distributed.py). trainer.batch_size stays per process.
+    # over every GPU of the node(s) (selfplay/training/distributed.py). trainer.batch_size stays per process.
     distributed: str = option("none", choices=DISTRIBUTED)
     # Processes per node for distributed training; null: one per visible GPU.
     num_processes: int | None = option(None, ge=1)
@@ -321,12 +401,24 @@ class TrainerConfig:
     lora_dropout: float = option(0.0, ge=0, lt=1)
     # Module names to adapt, or "all-linear".
     lora_target_modules: Any = "all-linear"
-    # Refuse to start when the estimated peak memory per device exceeds the device (selfplay/distributed.py).
+    # Refuse to start when the estimated peak memory per device exceeds the device (selfplay/training/distributed.py).
     memory_check: bool = True
     # Save a resumable checkpoint (weights, optimizer, scheduler, RNG) every this many optimizer steps, so a kill
     # loses at most that much training; 0 turns it off. Resuming gives the same weights as an unbroken run.
     save_steps: int = option(50, ge=0)
 
+
+
+def check_trainer(cfg: Any) -> None:
+    """trainer.*: the objective's own parameters, and reference-free objectives with no reference."""
+    t = cfg.trainer
+    if t.objective == "mmpo":
+        _require(t.gamma > 0, "trainer.gamma", f"is MMPO's label temperature γ_m and must be > 0, got {t.gamma}")
+    if t.objective == "simpo" and cfg.model.reference:
+        raise ConfigError("trainer.objective: simpo is reference-free; unset model.reference or use trainer=dpo")
+    if t.objective == "mmpo" and t.mmpo_logits == "simpo" and cfg.model.reference:
+        raise ConfigError("trainer.mmpo_logits: simpo logits are reference-free; unset model.reference or use "
+                          "trainer.mmpo_logits=dpo")
 
 @dataclass
 class EvalConfig:
@@ -341,6 +433,12 @@ class EvalConfig:
     # the held-out answers a round (~30–40 s on 2 CPU cores for the default's 200); the compare presets turn it on.
     drift: bool = False
 
+
+
+def check_eval(cfg: Any) -> None:
+    """eval.*: one response under greedy decoding."""
+    _require(not (cfg.eval.greedy and cfg.eval.samples > 1), "eval.samples",
+             "greedy decoding gives one response; set eval.greedy=false")
 
 @dataclass
 class RayConfig:
@@ -395,12 +493,25 @@ class LauncherConfig:
 
 @dataclass
 class CompareConfig:
-    # experiment=compare (selfplay/compare.py): one whole run per arm and seed, side by side. An arm is a selection
+    # experiment=compare (selfplay/runner/compare.py): one whole run per arm and seed, side by side. An arm is a selection
     # metric, and for map optionally -auto, -w<number>, -signed (map-auto, map-w2.5). Empty: a plain run.
     arms: list[str] = field(default_factory=list)
     # Seeds of each arm's runs; the spread across them is the comparison's error bar.
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
 
+
+
+def check_compare(cfg: Any) -> None:
+    """compare.*: arms that parse, listed once, and distinct seeds."""
+    if cfg.compare.arms:
+        try:
+            for arm in cfg.compare.arms:
+                parse_arm(arm)
+        except SelfplayError as err:
+            raise ConfigError(str(err)) from None
+        _require(len(set(cfg.compare.arms)) == len(cfg.compare.arms), "compare.arms", "an arm is listed twice")
+        _require(len(cfg.compare.seeds) >= 1 and len(set(cfg.compare.seeds)) == len(cfg.compare.seeds),
+                 "compare.seeds", f"needs one or more distinct seeds, got {list(cfg.compare.seeds)}")
 
 @dataclass
 class Config:
@@ -414,14 +525,14 @@ class Config:
     seed: int = option(0, ge=0)
     # torch device: auto | cpu | cuda | cuda:N.
     device: str = "auto"
-    # Compute precision of every stage that runs a model (selfplay/precision.py): auto (bf16 where the device has
+    # Compute precision of every stage that runs a model (selfplay/backends/precision.py): auto (bf16 where the device has
     # native bf16 matrix units — a CUDA GPU, a CPU with AMX-BF16 or AVX512-BF16 — else fp32) | bf16 (autocast; weights
     # and optimizer master copy stay in model.dtype) | fp32. Resolved at start-up; manifests record bf16 or fp32.
-    precision: str = option("auto", choices=_precisions)
+    precision: str = option("auto", choices=PRECISIONS)
     # `selfplay stage NAME round=R`: the round to run.
     round: int | None = option(None, ge=0)
     # `selfplay stage generate|score|margin round=R shard=i num_shards=n`: compute shard i of n (SLURM array task i);
-    # the stage without shard= merges the parts (selfplay/shards.py).
+    # the stage without shard= merges the parts (selfplay/rundir/shards.py).
     shard: int | None = option(None, ge=0)
     num_shards: int | None = option(None, ge=1)
     # Stages to redo although complete (names, or "all"); later stages that read them are redone too.
@@ -432,20 +543,32 @@ class Config:
     # Per-round metrics with the round as step, plus the trainer's own metrics through TRL's report_to.
     logger: str = option("none", choices=LOGGERS)
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # One node per group (conf/<group>/*.yaml fills it), in the order the loop uses them.
+    model: ModelConfig = field(default_factory=ModelConfig)  # π_0
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # N samples per prompt, vLLM engines
     reward: RewardConfig = field(default_factory=RewardConfig)
-    pair: PairConfig = field(default_factory=PairConfig)
+    pair: PairConfig = field(default_factory=PairConfig)  # chosen/rejected from the scored samples
     margin: MarginConfig = field(default_factory=MarginConfig)
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # MAP or a baseline
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out reward vs π_0
     ray: RayConfig = field(default_factory=RayConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)  # SLURM jobs
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 
+
+
+def check_run(cfg: Any) -> None:
+    """The run's own keys: its name, forced stages, and a shard with its count."""
+    _require(run_name_problem(cfg.run_name) is None, "run_name", run_name_problem(cfg.run_name) or "")
+    bad = [name for name in cfg.force if name not in (*STAGES, "all")]
+    _require(not bad, "force", f"unknown stage(s) {bad}; stages are {list(STAGES)} or 'all'")
+    _require((cfg.shard is None) == (cfg.num_shards is None), "shard",
+             "shard=i and num_shards=n go together (shard i of n, counting from 0)")
+    if cfg.num_shards is not None:
+        _require(cfg.shard < cfg.num_shards, "shard", f"must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
 
 
 def round_seed(seed: int, r: int) -> int:
@@ -467,80 +590,16 @@ def _require(ok: bool, option: str, message: str) -> None:
 
 
 def validate(cfg: Any) -> None:
-    """Every option's declared check (`option(...)` beside its field), then the rules across fields; raises
-    ConfigError naming the option."""
+    """Every option's declared check (`option(...)` beside its field), then each group's rules across fields
+    (`check_<group>`, beside its dataclass); raises ConfigError naming the option."""
     problems = option_problems(cfg)
     if problems:
         raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more: {'; '.join(problems[1:4])})"
                                          if len(problems) > 1 else ""))
-    _require(run_name_problem(cfg.run_name) is None, "run_name", run_name_problem(cfg.run_name) or "")
-    p = cfg.prompts
-    if p.eval_only_families:
-        from .rewards.ifeval import FAMILIES
-
-        unknown = [f for f in p.eval_only_families if f not in FAMILIES]
-        _require(not unknown, "prompts.eval_only_families", f"unknown famil(ies) {unknown}; the families are {FAMILIES}")
-        _require(len(set(p.eval_only_families)) < len(FAMILIES), "prompts.eval_only_families",
-                 "must leave at least one family to train on")
-        _require(p.source == "builtin", "prompts.eval_only_families", "applies to the builtin prompts only")
-    _require(p.evolve <= p.per_round, "prompts.evolve",
-             f"must be in [0, prompts.per_round={p.per_round}], got {p.evolve}")
-    if p.evolve:
-        _require("{prompt}" in p.evolve_instruction, "prompts.evolve_instruction",
-                 "must contain {prompt} (where the task to rewrite goes)")
-    s = cfg.sampler
-    _require(s.n >= 2, "sampler.n", f"needs ≥ 2 samples per prompt to form a pair, got {s.n}")
-    _require(s.max_model_len > s.max_new_tokens, "sampler.max_model_len",
-             f"must exceed sampler.max_new_tokens={s.max_new_tokens}, got {s.max_model_len}")
-    r = cfg.reward
-    if r.backend == "function":
-        _require(":" in (r.function or ""), "reward.function", f"must be 'module:function', got {r.function!r}")
-    else:
-        _require(bool(r.model), "reward.model", f"reward.backend={r.backend} needs reward.model=<local directory>")
-    sel = cfg.selection
-    _require(sel.weight == "auto" or (isinstance(sel.weight, (int, float)) and not isinstance(sel.weight, bool)
-                                      and sel.weight >= 0), "selection.weight",
-             f"must be a number ≥ 0 or auto, got {sel.weight!r}")
-    if sel.metric != "all":
-        _require(sel.top_k is not None or sel.ratio is not None, "selection.top_k",
-                 "set selection.top_k or selection.ratio (or selection.metric=all)")
-    if sel.top_k is not None:
-        # A round's pool has at most one pair per prompt (n(n−1)/2 with pair.strategy=all): a larger top_k can never
-        # be met.
-        per_prompt = cfg.sampler.n * (cfg.sampler.n - 1) // 2 if cfg.pair.strategy == "all" else 1
-        round_prompts = cfg.prompts.per_round + cfg.prompts.evolve
-        _require(sel.metric == "all" or sel.top_k <= round_prompts * per_prompt, "selection.top_k",
-                 f"{sel.top_k} is larger than the pool can be (at most {per_prompt} pair(s) per prompt with "
-                 f"pair.strategy={cfg.pair.strategy}, {round_prompts} prompts a round from prompts.per_round + "
-                 "prompts.evolve); lower it, use selection.ratio, or raise prompts.per_round")
-    t = cfg.trainer
-    if t.objective == "mmpo":
-        _require(t.gamma > 0, "trainer.gamma", f"is MMPO's label temperature γ_m and must be > 0, got {t.gamma}")
-    if t.objective == "simpo" and cfg.model.reference:
-        raise ConfigError("trainer.objective: simpo is reference-free; unset model.reference or use trainer=dpo")
-    if t.objective == "mmpo" and t.mmpo_logits == "simpo" and cfg.model.reference:
-        raise ConfigError("trainer.mmpo_logits: simpo logits are reference-free; unset model.reference or use "
-                          "trainer.mmpo_logits=dpo")
-    _require(not (cfg.eval.greedy and cfg.eval.samples > 1), "eval.samples",
-             "greedy decoding gives one response; set eval.greedy=false")
-    bad = [name for name in cfg.force if name not in (*STAGES, "all")]
-    _require(not bad, "force", f"unknown stage(s) {bad}; stages are {list(STAGES)} or 'all'")
-    _require((cfg.shard is None) == (cfg.num_shards is None), "shard",
-             "shard=i and num_shards=n go together (shard i of n, counting from 0)")
-    if cfg.num_shards is not None:
-        _require(cfg.shard < cfg.num_shards, "shard", f"must be in [0, num_shards={cfg.num_shards}), got {cfg.shard}")
+    for check in (check_run, check_prompts, check_sampler, check_reward, check_selection, check_trainer, check_eval,
+                  check_compare):
+        check(cfg)
     validate_launcher(cfg.launcher)
-    if cfg.compare.arms:
-        from .compare import parse_arm
-
-        try:
-            for arm in cfg.compare.arms:
-                parse_arm(arm)
-        except SelfplayError as err:
-            raise ConfigError(str(err)) from None
-        _require(len(set(cfg.compare.arms)) == len(cfg.compare.arms), "compare.arms", "an arm is listed twice")
-        _require(len(cfg.compare.seeds) >= 1 and len(set(cfg.compare.seeds)) == len(cfg.compare.seeds),
-                 "compare.seeds", f"needs one or more distinct seeds, got {list(cfg.compare.seeds)}")
 
 
 # sbatch reads `#SBATCH` lines itself (no shell), but a newline in a value would start a new line of the script.
@@ -549,8 +608,6 @@ JOB_KINDS = ("generate", "score", "margin", "light", "train")
 
 
 def validate_launcher(launcher: Any) -> None:
-    import re
-
     for option in ("partition", "account", "qos"):
         value = launcher[option]
         _require(value is None or re.fullmatch(_SBATCH_VALUE, str(value)) is not None, f"launcher.{option}",
@@ -572,13 +629,15 @@ def validate_launcher(launcher: Any) -> None:
 
 def register() -> None:
     """Register the schema as `base_config`; conf/config.yaml lists it first, so every group's YAML is merged
-    onto (and checked against) the dataclass of its node."""
-    from omegaconf import OmegaConf
-
-    from .sweeps import subdir_name
-
+    onto (and checked against) the dataclass of its node. (The sweep directory's resolver is registered by
+    selfplay.runner.sweeps.register, which the commands call.)"""
     ConfigStore.instance().store(name="base_config", node=Config)
-    OmegaConf.register_new_resolver("selfplay_sweep_subdir", subdir_name, replace=True)
 
 
-__all__ = ["Config", "ConfigError", "STAGES", "register", "validate"]
+def conf_dir() -> Path:
+    """The Hydra config tree: inside the package when installed from a wheel, else the repo's top-level conf/."""
+    here = Path(__file__).resolve().parent
+    return here / "conf" if (here / "conf").is_dir() else here.parent / "conf"
+
+
+__all__ = ["Config", "ConfigError", "STAGES", "conf_dir", "parse_arm", "register", "validate"]

@@ -1,4 +1,4 @@
-"""One rank of a distributed train stage (started by `accelerate launch`, see selfplay/distributed.py).
+"""One rank of a distributed train stage (started by `accelerate launch`, see selfplay/training/distributed.py).
 
     python -m selfplay.train_worker CONFIG_YAML RUN_DIR ROUND OUT_DIR CHECKPOINT_DIR
 
@@ -12,13 +12,13 @@ import json
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from selfplay.errors import SelfplayError
+from selfplay.stages.train import train_policy
+
 
 def main(argv: list[str]) -> int:
-    from omegaconf import OmegaConf
-
-    from .errors import SelfplayError
-    from .stages.train import train_policy
-
     config_path, run_dir, r, out, checkpoint_dir = Path(argv[0]), Path(argv[1]), int(argv[2]), Path(argv[3]), Path(argv[4])
     cfg = OmegaConf.load(config_path)
     try:

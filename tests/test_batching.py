@@ -5,8 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
-
-from selfplay.batching import padding_fraction, token_budget_batches
+from selfplay.backends.batching import padding_fraction, token_budget_batches
 
 
 def test_batches_respect_the_budget_and_row_cap_and_cover_each_sequence_once():
@@ -31,8 +30,8 @@ def test_a_sequence_over_the_budget_runs_alone_and_none_means_fixed_batches():
 
 @pytest.mark.parametrize("budget", [64, 400, None])
 def test_log_probs_do_not_depend_on_the_batching(tiny_policy, smol_tokenizer, budget):
-    from selfplay.logprobs import completion_logps
-    from selfplay.modeling import load_causal_lm
+    from selfplay.backends.logprobs import completion_logps
+    from selfplay.backends.modeling import load_causal_lm
 
     rng = random.Random(1)
     sequences = [([rng.randrange(100, 5000) for _ in range(rng.randint(3, 30))],

@@ -9,8 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from selfplay.cli import conf_dir
-from selfplay.config import ConfigError, register, validate
+from selfplay.config import ConfigError, conf_dir, register, validate
 
 CONF = conf_dir()
 register()
@@ -54,8 +53,9 @@ def test_default_vllm_sampler_falls_back_to_hf_only_when_not_asked_for(monkeypat
     an error naming the option. The stand-in below hides vLLM from the import system for this test only."""
     import importlib.util
 
+    from selfplay.backends.samplers import resolve_backend
+
     from selfplay.errors import SelfplayError
-    from selfplay.samplers import resolve_backend
 
     real_find_spec = importlib.util.find_spec
 

@@ -1,4 +1,4 @@
-"""Tests for selfplay.default_model: real conversions, no mocks of transformers.
+"""Tests for selfplay.backends.default_model: real conversions, no mocks of transformers.
 
 One conversion (~20-30 s on two CPU cores) is shared by the whole module.
 """
@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from selfplay import default_model
-from selfplay.default_model import (
+from selfplay.backends import default_model
+from selfplay.backends.default_model import (
     CACHE_SUBDIR,
     MARKER_NAME,
     DefaultModelCacheError,
@@ -27,6 +26,7 @@ from selfplay.default_model import (
     ensure_default_policy,
     gguf_path,
 )
+
 from selfplay.errors import SelfplayError
 
 CHAT = [{"role": "user", "content": "hi"}]

@@ -1,4 +1,4 @@
-"""Training at scale (selfplay/distributed.py): DDP over 2 gloo processes equals one process, LoRA merges into a
+"""Training at scale (selfplay/training/distributed.py): DDP over 2 gloo processes equals one process, LoRA merges into a
 plain policy, the FSDP and DeepSpeed configs compose into real accelerate launches, and a run that cannot fit is
 refused before training."""
 
@@ -13,9 +13,8 @@ import pytest
 import torch
 from conftest import run_cli, tiny_overrides
 from safetensors.torch import load_file
-
-from selfplay.distributed import Topology, accelerate_config, estimate_memory, launch_command
-from selfplay.slurm import compose
+from selfplay.runner.slurm import compose
+from selfplay.training.distributed import Topology, accelerate_config, estimate_memory, launch_command
 
 # 8 selected pairs: one optimizer step of a global batch of 8, whether 1 process × 8 or 2 processes × 4.
 DATA = ["rounds=1", "prompts.per_round=12", "selection.top_k=8", "trainer.learning_rate=1e-3"]
@@ -118,9 +117,9 @@ def test_lora_merged_policy_loads_in_vllm(tmp_path, vllm_policy):
     policy = tmp_path / "lora_vllm" / "round_00" / "policy"
     code = (
         "import sys, torch\n"
-        "from selfplay.slurm import compose\n"
-        "from selfplay.samplers import SamplingSpec\n"
-        "from selfplay.samplers.vllm import VLLMSampler\n"
+        "from selfplay.runner.slurm import compose\n"
+        "from selfplay.backends.samplers import SamplingSpec\n"
+        "from selfplay.backends.samplers.vllm import VLLMSampler\n"
         "cfg = compose(['sampler=vllm', 'sampler.batch_size=2', 'device=cpu'])\n"
         "sampler = VLLMSampler(sys.argv[1], 'float32', torch.device('cpu'), sampler_cfg=cfg.sampler, ray_cfg=cfg.ray)\n"
         "out = sampler.generate(['Say hi.'], SamplingSpec(n=1, max_new_tokens=4, greedy=True))\n"

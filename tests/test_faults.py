@@ -2,7 +2,7 @@
 same command, and check that nothing partial is ever visible and that every resumed run equals an unbroken one.
 
 Two kinds of kill:
-* at fault points (selfplay/faults.py): the process kills itself with SIGKILL the K-th time it crosses a named
+* at fault points (selfplay/rundir/faults.py): the process kills itself with SIGKILL the K-th time it crosses a named
   point — the start of a stage, each generate window and training step/checkpoint saved, the moment between a
   stage's outputs being renamed into place and its manifest being written, each round card and the report;
 * timed: SIGKILL from outside after a random delay, wherever the run happens to be.
@@ -66,8 +66,7 @@ def partial_files(run_dir: Path) -> list[str]:
     Hidden temp files and checkpoint directories are a stage's private state and are not looked at here."""
     import pyarrow.parquet as pq
     from safetensors import safe_open
-
-    from selfplay import manifest as mf
+    from selfplay.rundir import manifest as mf
 
     bad = []
     for path in sorted(run_dir.rglob("*")):
@@ -98,7 +97,7 @@ def finished_outputs(run_dir: Path) -> dict[str, dict]:
 
 
 def leftovers(run_dir: Path) -> list[str]:
-    """Hidden files left in a run directory, less Hydra's and the run's lock file (selfplay/runlock.py: it stays,
+    """Hidden files left in a run directory, less Hydra's and the run's lock file (selfplay/runner/runlock.py: it stays,
     and the holders' notes go with their holders)."""
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob(".*")
                   if p.name not in (".hydra", ".lock") and ".hydra" not in p.relative_to(run_dir).parts)

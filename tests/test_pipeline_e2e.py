@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, TESTS, run_cli, tiny_overrides
+from selfplay.core.selection import zscore
 
 from selfplay.config import STAGES
-from selfplay.stages.select import zscore
 
 pytestmark = pytest.mark.slow
 
@@ -299,7 +299,7 @@ def test_round_cards_match_the_parquet_files_and_rebuild(tiny_run, tmp_path):
         for png in ("card_rewards.png", "card_margins_scatter.png", "card_margin_hist.png", "card_length_bias.png"):
             assert (rdir / png).stat().st_size > 2000 and png in card
         numbers = json.loads((rdir / "card.json").read_text())
-        # recomputed here, independently of selfplay.card
+        # recomputed here, independently of selfplay.reports.card
         scores = pd.read_parquet(rdir / "scores")
         pairs = pd.read_parquet(rdir / "pairs.parquet")
         kept_ids = set(pd.read_parquet(rdir / "selected.parquet")["prompt_id"])

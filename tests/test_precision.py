@@ -1,4 +1,4 @@
-"""precision=auto|fp32|bf16 (selfplay/precision.py): detection of the CPU's bf16 units, resolution at start-up, and
+"""precision=auto|fp32|bf16 (selfplay/backends/precision.py): detection of the CPU's bf16 units, resolution at start-up, and
 the numbers kept under bf16 — DPO's first loss is ln 2 with the margin stage's reused reference log-probs, and
 rescoring and reward scoring agree with fp32 within the tolerances documented here and in docs/performance.md."""
 
@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from selfplay.backends.precision import cpu_bf16_unit, engine_dtype, native_bf16, resolve, stage_bf16, train_bf16
+from selfplay.rundir.manifest import diff_config
 
-from selfplay.cli import conf_dir
-from selfplay.config import ConfigError, register, validate
-from selfplay.manifest import diff_config
-from selfplay.precision import cpu_bf16_unit, engine_dtype, native_bf16, resolve, stage_bf16, train_bf16
+from selfplay.config import ConfigError, conf_dir, register, validate
 
 # bf16 keeps 8 significant bits: each matmul output is rounded to a relative u = 2⁻⁸ ≈ 0.4%, and through 30 layers a
 # few such roundings add up in each token's log-prob (logit − logsumexp). Documented tolerances (docs/performance.md), each ≈ 5·u:
@@ -68,8 +67,8 @@ def test_runs_begun_before_the_option_resume_at_its_old_value():
 @pytest.fixture(scope="module")
 def embedded(selfplay_cache):
     """The embedded SmolLM2-135M (real weights: a random model's flat logits would hide bf16's rounding)."""
-    from selfplay.default_model import ensure_default_policy
-    from selfplay.modeling import load_causal_lm, load_tokenizer
+    from selfplay.backends.default_model import ensure_default_policy
+    from selfplay.backends.modeling import load_causal_lm, load_tokenizer
 
     path = ensure_default_policy()
     return path, load_tokenizer(path), load_causal_lm(path, "float32", torch.device("cpu"))
@@ -86,11 +85,11 @@ def _pairs(tokenizer, n: int = 6):
 
 def test_bf16_rescoring_and_reward_scoring_agree_with_fp32(embedded, tmp_path):
     import pandas as pd
+    from selfplay.backends.batching import token_budget_batches
+    from selfplay.backends.chat import training_tokens
+    from selfplay.backends.logprobs import completion_logps
     from transformers import AutoModelForSequenceClassification
 
-    from selfplay.batching import token_budget_batches
-    from selfplay.chat import training_tokens
-    from selfplay.logprobs import completion_logps
     from selfplay.rewards.scoring import classifier_scorer
 
     path, tokenizer, model = embedded
@@ -131,10 +130,10 @@ def test_first_dpo_loss_is_ln2_with_reused_reference_logps(embedded, tmp_path, p
     same tokens under the same precision gives the same numbers, so the first loss is ln 2 and the first logged
     rewards are 0 — up to the rounding of two different batch layouts, which bf16 makes coarser."""
     import pandas as pd
+    from selfplay.backends.batching import token_budget_batches
+    from selfplay.backends.chat import prompt_messages, response_messages, training_tokens
+    from selfplay.backends.logprobs import completion_logps
 
-    from selfplay.batching import token_budget_batches
-    from selfplay.chat import prompt_messages, response_messages, training_tokens
-    from selfplay.logprobs import completion_logps
     from selfplay.stages.train import build_trainer
 
     path, tokenizer, model = embedded
@@ -149,7 +148,7 @@ def test_first_dpo_loss_is_ln2_with_reused_reference_logps(embedded, tmp_path, p
                              "chosen": [response_messages(c) for c in chosen],
                              "rejected": [response_messages(r) for r in rejected],
                              "logp_chosen_sum": sums[:4], "logp_rejected_sum": sums[4:]})
-    from selfplay.modeling import load_causal_lm
+    from selfplay.backends.modeling import load_causal_lm
 
     trainer = build_trainer(cfg, load_causal_lm(path, "float32", torch.device("cpu")).train(), tokenizer, selected,
                             str(tmp_path / "out"))

@@ -1,4 +1,4 @@
-"""One run, one writer (selfplay/runlock.py), Ctrl-C, sweep directories and half-finished reports, through the real
+"""One run, one writer (selfplay/runner/runlock.py), Ctrl-C, sweep directories and half-finished reports, through the real
 `selfplay` command. Rows of the bad-input table (docs/reliability.md): run_locked, interrupted, sweep_names, report_unfinished."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_blocks
 
 
 def test_the_shards_of_one_stage_run_at_once(tmp_path, tiny_policy):
-    from selfplay import runlock
+    from selfplay.runner import runlock
 
     overrides = tiny_overrides(tmp_path, tiny_policy, None, run_name="sharded")
     run_dir = tmp_path / "sharded"

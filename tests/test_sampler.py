@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from selfplay.backends.samplers import SamplingSpec
+from selfplay.backends.samplers.hf import nucleus_mask
 from transformers.generation.logits_process import TopPLogitsWarper
-
-from selfplay.samplers import SamplingSpec
-from selfplay.samplers.hf import nucleus_mask
 
 
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 0.999])
@@ -22,9 +21,8 @@ def test_nucleus_matches_transformers_top_p(top_p):
 def test_sampled_tokens_equal_transformers_temperature_and_top_p(tiny_policy):
     """Whole generate() calls, same seed: selfplay's processor vs HF's own TemperatureLogitsWarper + TopPLogitsWarper
     must pick the same tokens (this also pins the processor's position in HF's pipeline)."""
+    from selfplay.backends.samplers.hf import TemperatureTopP
     from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from selfplay.samplers.hf import TemperatureTopP
 
     model = AutoModelForCausalLM.from_pretrained(tiny_policy)
     ids = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 2]])
@@ -40,7 +38,7 @@ def test_sampled_tokens_equal_transformers_temperature_and_top_p(tiny_policy):
 
 
 def test_generation_is_seeded_and_n_per_prompt(tiny_policy):
-    from selfplay.samplers.hf import HFSampler
+    from selfplay.backends.samplers.hf import HFSampler
 
     sampler = HFSampler(tiny_policy, "float32", torch.device("cpu"))
     prompts = ["Write one word.", "Name a colour in lowercase.", "Say hello in French, with no commas."]
@@ -59,7 +57,7 @@ def test_generation_is_seeded_and_n_per_prompt(tiny_policy):
 
 def test_cdf_sampling_draws_the_softmax_of_the_tempered_nucleus():
     """Greedy decoding after TemperatureTopP + SampleByCDF draws each token with its tempered nucleus probability."""
-    from selfplay.samplers.hf import SampleByCDF, TemperatureTopP
+    from selfplay.backends.samplers.hf import SampleByCDF, TemperatureTopP
 
     torch.manual_seed(0)
     logits = torch.randn(1, 50) * 2

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from selfplay.core.selection import keep_count, map_score, select, zscore
 
 from selfplay.stages.pair import best_vs_worst
-from selfplay.stages.select import keep_count, map_score, select, zscore
 
 
 def test_zscore_uses_population_std():
@@ -108,7 +108,7 @@ def test_min_margin_turns_small_gaps_into_ties():
 # ---- selection beyond the paper: weight=auto, the signed variant, REAL, pairing strategies, compare arms ----
 
 def test_auto_weight_is_the_correlation_floored_at_zero():
-    from selfplay.stages.select import auto_weight
+    from selfplay.core.selection import auto_weight
 
     ex = np.array([0.9, 0.2, 0.5, 0.7, 0.1])
     im = np.array([0.8, -0.1, 0.3, -0.6, 0.05])
@@ -135,7 +135,7 @@ def test_map_signed_variant_by_hand():
 
 
 def test_select_auto_weight_recorded_and_used():
-    from selfplay.stages.select import auto_weight
+    from selfplay.core.selection import auto_weight
 
     pairs = pairs_frame()
     out = select(pairs, "map", weight="auto", top_k=4)
@@ -182,7 +182,7 @@ def test_select_several_pairs_per_prompt_keeps_them_apart():
 
 
 def test_compare_arms_parse():
-    from selfplay.compare import parse_arm
+    from selfplay.config import parse_arm
     from selfplay.errors import SelfplayError
 
     assert parse_arm("map") == {"metric": "map"}
@@ -195,7 +195,7 @@ def test_compare_arms_parse():
 
 
 def test_prompt_evolution_filters_and_cleaning():
-    from selfplay.evolve import clean_rewrite, keep_rewrites, split_rewritable
+    from selfplay.core.evolve import clean_rewrite, keep_rewrites, split_rewritable
 
     assert clean_rewrite('Rewritten task: "Explain recycling to a chemist."\n\nThis version is harder because…') == \
         "Explain recycling to a chemist."

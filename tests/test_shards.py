@@ -8,11 +8,10 @@ import pandas as pd
 import pytest
 from conftest import run_cli, tiny_overrides
 from safetensors.torch import load_file
-
-from selfplay import manifest as mf
-from selfplay import pipeline
-from selfplay.shards import read_shard_manifests, shard_span
-from selfplay.slurm import compose
+from selfplay.rundir import manifest as mf
+from selfplay.rundir.shards import read_shard_manifests, shard_span
+from selfplay.runner import pipeline
+from selfplay.runner.slurm import compose
 
 
 def test_shard_span_covers_every_unit_once_on_unit_boundaries():

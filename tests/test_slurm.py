@@ -106,7 +106,7 @@ def test_a_cancelled_array_task_is_all_a_resubmission_reruns(slurm_cluster, tmp_
 
 
 def test_hydra_sweep_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_policy):
-    # The sweep's run directories are named by the swept key alone (selfplay/sweeps.py), however long the other
+    # The sweep's run directories are named by the swept key alone (selfplay/runner/sweeps.py), however long the other
     # overrides are: the jobs on the cluster name theirs from the keys the submitting command swept.
     overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "sweep"), "rounds=1"]
     out = run_cli("run", "-m", "selection.metric=map,random", "hydra/launcher=submitit_slurm",

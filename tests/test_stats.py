@@ -1,12 +1,11 @@
-"""The comparison's statistics (selfplay/stats.py) on synthetic arms whose true difference is known."""
+"""The comparison's statistics (selfplay/core/stats.py) on synthetic arms whose true difference is known."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
-
-from selfplay.stats import minimum_detectable_difference, paired_difference, two_level_bootstrap
+from selfplay.core.stats import minimum_detectable_difference, paired_difference, two_level_bootstrap
 
 
 def _rewards(rng, seeds: int, prompts: int) -> np.ndarray:

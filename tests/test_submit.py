@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli, tiny_overrides
-
-from selfplay import pipeline
-from selfplay.slurm import compose
+from selfplay.runner import pipeline
+from selfplay.runner.slurm import compose
 
 
 def scripts_of(dry_run_stdout: str) -> dict[str, str]:

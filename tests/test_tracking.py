@@ -11,9 +11,9 @@ import shutil
 import pandas as pd
 import pytest
 from conftest import run_cli, tiny_overrides
+from selfplay.reports.tracking import TrackerUnavailable, open_tracker, round_metrics
 
 from selfplay.config import STAGES, ConfigError, register, validate
-from selfplay.tracking import TrackerUnavailable, open_tracker, round_metrics
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -29,7 +29,7 @@ def scalars(logdir) -> dict[str, list[tuple[int, float]]]:
 def composed(*overrides):
     from hydra import compose, initialize_config_dir
 
-    from selfplay.cli import conf_dir
+    from selfplay.config import conf_dir
 
     register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

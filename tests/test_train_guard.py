@@ -8,8 +8,7 @@ import json
 from conftest import run_cli, tiny_overrides
 from hydra import compose, initialize_config_dir
 
-from selfplay.cli import conf_dir
-from selfplay.config import register
+from selfplay.config import conf_dir, register
 from selfplay.stages.train import changed_tensor, optimizer_steps, warmup_steps
 
 

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-
-from selfplay.batching import token_budget_batches
-from selfplay.chat import prompt_messages, response_messages, training_tokens
-from selfplay.logprobs import completion_logps
+from selfplay.backends.batching import token_budget_batches
+from selfplay.backends.chat import prompt_messages, response_messages, training_tokens
+from selfplay.backends.logprobs import completion_logps
 
 PAIRS = [
     ("Write a haiku about rain. Use no commas.", "Rain taps the window\nsoft and grey", "no."),

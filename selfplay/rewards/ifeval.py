@@ -24,6 +24,8 @@ from typing import Any
 import langdetect
 from if_verifiable.ifeval import instructions_registry
 
+from selfplay.config import PROMPT_FAMILIES
+
 # langdetect is randomised internally; a fixed seed makes detect() (and so the
 # language / english_lowercase / english_capital checks) deterministic. This is
 # a process-wide setting of langdetect, which is what those checkers call.
@@ -85,6 +87,8 @@ _REPEAT_PROMPT = "combination:repeat_prompt"
 USED_IDS: tuple[str, ...] = tuple(sorted(set(_REGISTRY) - set(_EXCLUDED)))
 # Checker families: an id's part before ':' (prompts.eval_only_families holds some out of training).
 FAMILIES: tuple[str, ...] = tuple(sorted({i.split(":")[0] for i in USED_IDS}))
+if FAMILIES != PROMPT_FAMILIES:  # the config checks prompts.eval_only_families against its copy of this list
+    raise ImportError(f"selfplay.config.PROMPT_FAMILIES {PROMPT_FAMILIES} differs from the checkers' families {FAMILIES}")
 
 
 def family(instruction_id: str) -> str:

@@ -1,7 +1,7 @@
 """Reward backends. `build_scorer(cfg, device)` returns `scorer(frame, desc, shard=(i, n)) -> pd.Series`: one finite
 float per row of a generations frame (columns prompt, response, and the prompt's extra columns), indexed by row
 position. Each backend scores in a fixed schedule of batches; `shard` takes shard i of n of those batches
-(selfplay/shards.py), the default (0, 1) all rows."""
+(selfplay/rundir/shards.py), the default (0, 1) all rows."""
 
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..batching import token_budget_batches
-from ..errors import InputError
-from ..shards import shard_span
+from selfplay.backends.batching import token_budget_batches
+from selfplay.backends.chat import reward_input_ids
+from selfplay.backends.modeling import load_reward_model, load_tokenizer, resolve_model_path
+from selfplay.backends.precision import autocast, engine_dtype, stage_bf16
+from selfplay.backends.vllm_engine import ITEMS_PER_CALL, engine_spec, map_items
+from selfplay.errors import InputError
+from selfplay.rundir.shards import shard_span
 
 Scorer = Callable[..., pd.Series]
 ALL = (0, 1)
@@ -106,10 +110,6 @@ def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: i
                       trust_remote_code: bool, max_batch_tokens: int | None = None, bf16: bool = False) -> Scorer:
     import torch
 
-    from ..chat import reward_input_ids
-    from ..modeling import load_reward_model, load_tokenizer, resolve_model_path
-    from ..precision import autocast
-
     path = resolve_model_path(model_dir)
     tokenizer = load_tokenizer(Path(path), trust_remote_code)
     model = load_reward_model(Path(path), dtype, device, trust_remote_code)
@@ -149,10 +149,6 @@ def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: i
 def vllm_scorer(model_dir: str, dtype: str, max_length: int, device: Any, trust_remote_code: bool, sampler_cfg: Any,
                 ray_cfg: Any) -> Scorer:
     """The same classifier and inputs as `classifier_scorer`, served by vLLM's pooling runner on Ray actors."""
-    from ..chat import reward_input_ids
-    from ..modeling import load_tokenizer, resolve_model_path
-    from ..vllm_engine import ITEMS_PER_CALL, engine_spec, map_items
-
     path = resolve_model_path(model_dir)
     tokenizer = load_tokenizer(Path(path), trust_remote_code)
     spec = engine_spec(path, dtype, device, sampler_cfg, trust_remote_code, runner="pooling")
@@ -169,15 +165,28 @@ def vllm_scorer(model_dir: str, dtype: str, max_length: int, device: Any, trust_
     return score
 
 
-def build_scorer(cfg: Any, device: Any) -> Scorer:
-    """The `reward.backend` scorer of a run's config; vllm sizes its engines with the `sampler` group, joins `ray`."""
-    from ..precision import engine_dtype, stage_bf16
+def _function_backend(cfg: Any, device: Any) -> Scorer:
+    return function_scorer(cfg.reward.function)
 
-    reward_cfg, trust_remote_code = cfg.reward, cfg.model.trust_remote_code
-    if reward_cfg.backend == "function":
-        return function_scorer(reward_cfg.function)
-    if reward_cfg.backend == "vllm":
-        return vllm_scorer(reward_cfg.model, engine_dtype(cfg, reward_cfg.dtype), reward_cfg.max_length, device,
-                           trust_remote_code, cfg.sampler, cfg.ray)
-    return classifier_scorer(reward_cfg.model, reward_cfg.dtype, reward_cfg.batch_size, reward_cfg.max_length,
-                             device, trust_remote_code, reward_cfg.max_batch_tokens, bf16=stage_bf16(cfg))
+
+def _vllm_backend(cfg: Any, device: Any) -> Scorer:
+    r = cfg.reward
+    return vllm_scorer(r.model, engine_dtype(cfg, r.dtype), r.max_length, device, cfg.model.trust_remote_code,
+                       cfg.sampler, cfg.ray)
+
+
+def _classifier_backend(cfg: Any, device: Any) -> Scorer:
+    r = cfg.reward
+    return classifier_scorer(r.model, r.dtype, r.batch_size, r.max_length, device, cfg.model.trust_remote_code,
+                             r.max_batch_tokens, bf16=stage_bf16(cfg))
+
+
+# The registry: reward.backend → the function that builds its scorer from the run's config (vllm sizes its engines
+# with the `sampler` group and joins `ray`). A new judge is a new entry.
+SCORERS: dict[str, Callable[[Any, Any], Scorer]] = {"function": _function_backend, "vllm": _vllm_backend,
+                                                    "hf_classifier": _classifier_backend}
+
+
+def build_scorer(cfg: Any, device: Any) -> Scorer:
+    """The `reward.backend` scorer of a run's config."""
+    return SCORERS[cfg.reward.backend](cfg, device)

@@ -15,17 +15,23 @@ Alone:   selfplay stage eval round=R
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..config import round_seed
-from ..rewards.scoring import build_scorer
-from ..samplers import SamplingSpec, build_sampler
-from .generate import completions_frame
-from .prompts import heldout_prompts
+from selfplay import __version__
+from selfplay.backends.samplers import SamplingSpec, build_sampler
+from selfplay.config import round_seed
+from selfplay.rewards.ifeval import family
+from selfplay.rewards.scoring import build_scorer
+from selfplay.rundir import atomic
+from selfplay.rundir.layout import round_name
+from selfplay.rundir.manifest import fingerprint
+from selfplay.stages.base import config_view, policy_fingerprint
+from selfplay.stages.generate import completions_frame
+from selfplay.stages.margin import score_model
+from selfplay.stages.prompts import heldout_prompts
 
 CONFIG = ("eval", "reward", "prompts", "sampler.backend", "sampler.max_new_tokens", "sampler.temperature", "sampler.top_p",
           "model.dtype", "model.trust_remote_code", "seed", "precision")
@@ -51,9 +57,7 @@ def generate_and_score(ctx, policy_path, prompts: pd.DataFrame, scorer, label: s
         frame = _generate(ctx, policy_path, prompts, label)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.parent / f".{cache.name}.tmp-{os.getpid()}"
-            frame.to_parquet(tmp, index=False)
-            tmp.replace(cache)
+            atomic.write_parquet(cache, frame)
     frame["reward"] = scorer(frame, desc=f"{label} score").to_numpy()
     return frame
 
@@ -63,13 +67,9 @@ def base_cache(ctx, prompts: pd.DataFrame) -> Path:
     prompts and decoding: they depend on nothing a run's selection or training changes (a sweep or experiment=compare
     generates them once). Keyed by the base model's files, the eval config view, the device and selfplay's version;
     `rm -r <output_root>/.cache` clears it."""
-    from .. import __version__
-    from ..manifest import fingerprint
-    from ..pipeline import _policy_fingerprint, config_view
-
     cfg = ctx.cfg
     keys = tuple(k for k in CONFIG if k != "reward" and not (k == "seed" and cfg.eval.greedy))
-    key = fingerprint({"policy": _policy_fingerprint(cfg), "config": config_view(cfg, keys),
+    key = fingerprint({"policy": policy_fingerprint(cfg), "config": config_view(cfg, keys),
                        "prompts": prompts[["prompt_id", "prompt"]].astype(str).values.tolist(),
                        "device": str(ctx.device), "selfplay": __version__})
     return Path(cfg.output_root) / ".cache" / "eval_base" / f"{key}.parquet"
@@ -132,8 +132,6 @@ def family_split(prompts: pd.DataFrame, policy: pd.DataFrame, base: pd.DataFrame
     all of families trained on, and on those that use a family only the eval sees (prompts.eval_only_families)."""
     if not eval_only or "constraints" not in prompts:
         return {}
-    from ..rewards.ifeval import family
-
     unseen = prompts.set_index("prompt_id")["constraints"].map(
         lambda c: any(family(item["id"]) in eval_only for item in json.loads(c)))
     out = {}
@@ -149,9 +147,7 @@ def family_split(prompts: pd.DataFrame, policy: pd.DataFrame, base: pd.DataFrame
 def drift(ctx, base: pd.DataFrame) -> dict:
     """The guard's judge-free figure: mean per-token log-prob of π_0's greedy held-out responses under π_{r+1}, minus
     under π_0 itself (0 at π_0; falling as the policy moves away from what it used to say), with the tokens of the
-    trainer's own format (selfplay/chat.py)."""
-    from .margin import score_model
-
+    trainer's own format (selfplay/backends/chat.py)."""
     def per_token(policy_path, label: str) -> float:
         values, _ = score_model(policy_path, base[["prompt", "response"]], ctx.cfg, ctx.device, label, (0, 1))
         return float(values["logp_sum"].sum() / max(int(values["n_tokens"].sum()), 1))
@@ -180,7 +176,7 @@ def run(ctx) -> None:
     per_prompt = policy.groupby("prompt_id")["reward"].mean()
     result = {
         "round": ctx.round,
-        "policy": f"round_{ctx.round:02d}/policy",
+        "policy": f"{round_name(ctx.round)}/policy",
         "heldout_prompts": len(prompts),
         "samples_per_prompt": ctx.cfg.eval.samples,
         "mean_reward": float(policy["reward"].mean()),

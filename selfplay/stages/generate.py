@@ -3,7 +3,7 @@
 Input:   round_XX/prompts.parquet; π_r (round 0: model.path, else round_{r-1}/policy)
 Output:  round_XX/generations/part-*.parquet (one part per shard, in prompt-file order)
          prompt_id, prompt, sample_idx, response, n_tokens, finish_reason (+ the prompt file's other columns)
-Alone:   selfplay stage generate round=R [shard=i num_shards=n]   (see selfplay/shards.py)
+Alone:   selfplay stage generate round=R [shard=i num_shards=n]   (see selfplay/rundir/shards.py)
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import faults, shards
-from ..chat import template_sha256
-from ..checkpoints import ChunkStore
-from ..config import round_seed
-from ..modeling import load_tokenizer
-from ..samplers import SamplingSpec, build_sampler
-from ..shards import shard_span
+from selfplay.backends.chat import template_sha256
+from selfplay.backends.modeling import load_tokenizer
+from selfplay.backends.samplers import SamplingSpec, build_sampler
+from selfplay.config import round_seed
+from selfplay.rundir import faults, shards
+from selfplay.rundir.checkpoints import ChunkStore
+from selfplay.rundir.shards import shard_span
 
 log = logging.getLogger("selfplay")
 
@@ -77,15 +77,15 @@ def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
                 spec = SamplingSpec(n=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                     seed=round_seed(cfg.seed, ctx.round), batch_size=s.batch_size,
                                     first_batch=w * s.sort_window_batches, sort_window=window)
-                skipped, started = getattr(sampler, "skipped_overlong", 0), time.time()
+                skipped, started = sampler.skipped_overlong, time.time()
                 completions = sampler.generate(list(rows["prompt"]), spec, keys=[str(k) for k in rows["prompt_id"]],
                                                desc=label + (f" window {w + 1}/{len(windows)}" if len(windows) > 1 else ""))
                 done[w] = (completions_frame(rows, completions),
-                           dict(prompts=len(rows), skipped_overlong_prompts=getattr(sampler, "skipped_overlong", 0) - skipped,
+                           dict(prompts=len(rows), skipped_overlong_prompts=sampler.skipped_overlong - skipped,
                                 generation_s=round(time.time() - started, 2),
                                 chat_template_sha256=template_sha256(sampler.tokenizer)))
                 store.save(w, *done[w])
-            engine_start_s = getattr(sampler, "timings", {}).get("engine_start_s", 0.0)
+            engine_start_s = sampler.timings.get("engine_start_s", 0.0)
     stats = [done[w][1] for w in windows]
     ctx.stats.update(prompts=hi - lo, skipped_overlong_prompts=sum(st["skipped_overlong_prompts"] for st in stats),
                      generation_s=round(sum(st["generation_s"] for st in stats), 2), engine_start_s=engine_start_s,

@@ -6,10 +6,10 @@ Output:  round_XX/pairs.parquet   candidate_pairs' columns + margin_implicit, an
 Forms:   default (SimPO, reference-free): ρ(y) = mean over response tokens of log π_r(y_t | x, y_<t);
          with model.reference (DPO):      ρ(y) = β · (log π_r(y|x) − log π_ref(y|x)), summed over tokens.
          Δim = ρ(chosen) − ρ(rejected). Log-probs are teacher-forced at temperature 1 over exactly the token
-         ids the trainer will see (selfplay.chat.training_tokens), each distinct response once. The sums are
+         ids the trainer will see (selfplay.backends.chat.training_tokens), each distinct response once. The sums are
          DPO's reference log-probs of π_r, which the train stage reuses. margin.backend=vllm takes the same
          sums from a vLLM engine's prompt log-probs (agreement with hf: tests/test_vllm.py).
-Alone:   selfplay stage margin round=R [shard=i num_shards=n]   (see selfplay/shards.py)
+Alone:   selfplay stage margin round=R [shard=i num_shards=n]   (see selfplay/rundir/shards.py)
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..batching import token_budget_batches
-from ..chat import template_sha256, token_format, training_tokens
-from ..errors import SelfplayError
-from ..logprobs import TokenPairs, completion_logps
-from ..modeling import load_causal_lm, load_tokenizer, resolve_model_path
-from ..precision import engine_dtype, train_bf16
-from ..shards import shard_span
+from selfplay.backends.batching import token_budget_batches
+from selfplay.backends.chat import template_sha256, token_format, training_tokens
+from selfplay.backends.logprobs import TokenPairs, completion_logps
+from selfplay.backends.modeling import load_causal_lm, load_tokenizer, resolve_model_path
+from selfplay.backends.precision import engine_dtype, train_bf16
+from selfplay.backends.vllm_engine import ITEMS_PER_CALL, engine_spec, map_items
+from selfplay.core.selection import unique_responses
+from selfplay.errors import SelfplayError
+from selfplay.rundir.shards import shard_span
 
 log = logging.getLogger("selfplay")
 
@@ -39,21 +41,8 @@ def requires(r: int, cfg=None) -> list[tuple[int, str]]:
     return [(r, "pair")] + ([(r - 1, "train")] if r > 0 else [])
 
 
-def unique_responses(pairs: pd.DataFrame) -> pd.DataFrame:
-    """Distinct (prompt_id, sample_idx) responses of the pairs, each scored once however many pairs share it."""
-    sides = [
-        pd.DataFrame({"prompt_id": pairs["prompt_id"], "sample_idx": pairs[f"{side}_sample_idx"],
-                      "prompt": [m[0]["content"] for m in pairs["prompt"]],
-                      "response": [m[0]["content"] for m in pairs[side]]})
-        for side in ("chosen", "rejected")
-    ]
-    return pd.concat(sides).drop_duplicates(["prompt_id", "sample_idx"]).reset_index(drop=True)
-
-
 def vllm_logps(model_path, sequences: list[tuple[list[int], list[int]]], cfg, device, desc: str) -> np.ndarray:
     """The same sums as `completion_logps`, from the engine's prompt log-probs over prompt+completion ids."""
-    from ..vllm_engine import engine_spec, map_items
-
     spec = engine_spec(model_path, engine_dtype(cfg), device, cfg.sampler, cfg.model.trust_remote_code)
     spec.max_model_len = max(spec.max_model_len, cfg.trainer.max_length)
     sums = map_items(spec, cfg.sampler, cfg.ray, "completion_logprobs", sequences, desc,
@@ -66,10 +55,8 @@ def score_model(model_path, responses: pd.DataFrame, cfg, device, desc: str,
     """Log-prob sums and token counts of this shard's share of the responses under one model, keyed by row.
 
     The schedule is the backend's: hf forwards token-budget batches (margin.max_batch_tokens, at most
-    margin.batch_size rows; selfplay/batching.py), vllm sends chunks of ITEMS_PER_CALL in row order; a shard takes
-    whole batches of it (selfplay/shards.py)."""
-    from ..vllm_engine import ITEMS_PER_CALL
-
+    margin.batch_size rows; selfplay/backends/batching.py), vllm sends chunks of ITEMS_PER_CALL in row order; a shard takes
+    whole batches of it (selfplay/rundir/shards.py)."""
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     sequences = TokenPairs(training_tokens(tokenizer, p, r, token_format(cfg.trainer), cfg.trainer.max_length)
                            for p, r in zip(responses["prompt"], responses["response"], strict=True))

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..chat import prompt_messages, response_messages
-from ..config import round_seed
+from selfplay.backends.chat import prompt_messages, response_messages
+from selfplay.config import round_seed
 
 OUTPUTS = ("candidate_pairs.parquet",)
 CONFIG = ("pair", "seed")

@@ -4,21 +4,29 @@ Output:  round_XX/prompts.parquet   prompt_id, prompt (+ any other columns of th
                                      receives them as keyword lists, e.g. the built-in judge's `constraints`)
 Source:  `prompts.source=builtin` draws fresh IFEval-style tasks each round (seeded by `seed` and the round);
          a file (.parquet/.jsonl/.json/.csv) is read in order, `prompts.per_round` rows a round, wrapping around.
-Evolve:  prompts.evolve=K: π_r rewrites K of them into harder variants that join the round (selfplay/evolve.py);
+Evolve:  prompts.evolve=K: π_r rewrites K of them into harder variants that join the round (selfplay/core/evolve.py);
          the stage then reads π_r (round r−1's train) and records the sampler keys it used.
 Alone:   selfplay stage prompts round=R
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from ..config import round_seed
-from ..errors import InputError
+from selfplay.backends.chat import generation_prompt_ids
+from selfplay.backends.modeling import load_tokenizer, resolve_model_path
+from selfplay.backends.samplers import SamplingSpec, build_sampler
+from selfplay.config import round_seed
+from selfplay.core.evolve import clean_rewrite, keep_rewrites, split_rewritable
+from selfplay.errors import InputError
+from selfplay.rewards.ifeval import build_prompts
 
 log = logging.getLogger("selfplay")
 
@@ -38,8 +46,6 @@ def requires(r: int, cfg=None) -> list[tuple[int, str]]:
 
 def _bad_jsonl_line(file: Path) -> str | None:
     """Where a JSONL file stops being JSON: 'line N: why' (None when every line parses)."""
-    import json
-
     with open(file, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if line.strip():
@@ -51,18 +57,12 @@ def _bad_jsonl_line(file: Path) -> str | None:
 
 
 def _is_chat_messages(value) -> bool:
-    import numpy as np
-
     items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
     return bool(items) and all(isinstance(m, dict) and "content" in m for m in items)
 
 
-def read_prompt_file(path: str, column: str, id_column: str | None, invalid: str = "fail",
-                     max_tokens: int | None = None, count_tokens: Callable[[list[str]], list[int]] | None = None
-                     ) -> pd.DataFrame:
-    """A prompt table with prompt_id and prompt columns; clear errors for anything unusable. Empty prompts and prompts
-    over `max_tokens` (as `count_tokens` counts them) fail, or are dropped with `invalid="skip"` (counts in attrs)."""
-    file = Path(path).expanduser()
+def _read_table(file: Path) -> pd.DataFrame:
+    """The file's rows, by its suffix; a file that is missing, of another type or unreadable is one clear error."""
     if file.is_dir():
         raise InputError(f"prompts file {file} is a directory; give one .parquet, .jsonl, .json or .csv file")
     if not file.is_file():
@@ -82,19 +82,34 @@ def read_prompt_file(path: str, column: str, id_column: str | None, invalid: str
         raise InputError(f"prompts file {file}: cannot be read ({where or f'{type(err).__name__}: {err}'})") from err
     if df.empty:
         raise InputError(f"prompts file {file}: no rows")
+    return df
+
+
+def _prompt_table(df: pd.DataFrame, file: Path, column: str, id_column: str | None) -> pd.DataFrame:
+    """The rows with `prompt` and `prompt_id` columns: the named columns (ids unique), or ids from the file's name."""
     if column not in df.columns:
         raise InputError(f"prompts file {file}: no column {column!r} (columns: {list(df.columns)}); set prompts.column")
     df = df.rename(columns={column: "prompt"})
-    if id_column is not None:
-        if id_column not in df.columns:
-            raise InputError(f"prompts file {file}: no id column {id_column!r}; set prompts.id_column or null")
-        df = df.rename(columns={id_column: "prompt_id"})
-        df["prompt_id"] = df["prompt_id"].astype(str)
-        dup = df["prompt_id"][df["prompt_id"].duplicated()]
-        if len(dup):
-            raise InputError(f"prompts file {file}: duplicate prompt id {dup.iloc[0]!r} (row {dup.index[0]})")
-    else:
+    if id_column is None:
         df.insert(0, "prompt_id", [f"{file.stem}-{i:06d}" for i in range(len(df))])
+        return df
+    if id_column not in df.columns:
+        raise InputError(f"prompts file {file}: no id column {id_column!r}; set prompts.id_column or null")
+    df = df.rename(columns={id_column: "prompt_id"})
+    df["prompt_id"] = df["prompt_id"].astype(str)
+    dup = df["prompt_id"][df["prompt_id"].duplicated()]
+    if len(dup):
+        raise InputError(f"prompts file {file}: duplicate prompt id {dup.iloc[0]!r} (row {dup.index[0]})")
+    return df
+
+
+def read_prompt_file(path: str, column: str, id_column: str | None, invalid: str = "fail",
+                     max_tokens: int | None = None, count_tokens: Callable[[list[str]], list[int]] | None = None
+                     ) -> pd.DataFrame:
+    """A prompt table with prompt_id and prompt columns; clear errors for anything unusable. Empty prompts and prompts
+    over `max_tokens` (as `count_tokens` counts them) fail, or are dropped with `invalid="skip"` (counts in attrs)."""
+    file = Path(path).expanduser()
+    df = _prompt_table(_read_table(file), file, column, id_column)
     empty = ~df["prompt"].map(lambda p: isinstance(p, str) and p.strip() != "")
     chat = df["prompt"].map(_is_chat_messages)
     if chat.any():
@@ -127,9 +142,6 @@ def read_prompt_file(path: str, column: str, id_column: str | None, invalid: str
 def prompt_token_counter(cfg) -> Callable[[list[str]], list[int]]:
     """Counts prompts in tokens as the sampler sends them: the base policy's chat template with the generation
     prompt (the template is the same every round)."""
-    from ..chat import generation_prompt_ids
-    from ..modeling import load_tokenizer, resolve_model_path
-
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.path), cfg.model.trust_remote_code)
     return lambda prompts: [len(generation_prompt_ids(tokenizer, p)) for p in prompts]
 
@@ -143,8 +155,6 @@ def _read(cfg, path: str) -> pd.DataFrame:
 def train_prompts(cfg, r: int) -> pd.DataFrame:
     p = cfg.prompts
     if p.source == "builtin":
-        from ..rewards.ifeval import build_prompts
-
         # One-constraint tasks have few distinct texts: skip any that is also a held-out prompt, so the held-out
         # reward measures generalisation. build_prompts is prefix-stable, so drawing more keeps the first rows.
         heldout = set(heldout_prompts(cfg)["prompt"])
@@ -172,8 +182,6 @@ def train_prompts(cfg, r: int) -> pd.DataFrame:
 def heldout_prompts(cfg) -> pd.DataFrame:
     p = cfg.prompts
     if p.source == "builtin":
-        from ..rewards.ifeval import build_prompts
-
         return pd.DataFrame(build_prompts(p.eval_count, seed=HELDOUT_SEED, id_prefix="heldout-",
                                           word_budget=p.word_budget))
     if p.eval_source is not None:
@@ -186,10 +194,48 @@ def run(ctx) -> None:
     ctx.stats.update(rows=len(df), **df.attrs)  # files: skipped_empty, skipped_overlong (whole file)
     df.attrs.clear()
     if ctx.cfg.prompts.evolve:
-        from ..evolve import evolve_prompts
-
         evolved, counts = evolve_prompts(df, ctx.cfg, ctx.policy_path(), ctx.device, round_seed(ctx.cfg.seed, ctx.round),
                                          label=f"round {ctx.round} evolve")
         df = pd.concat([df.assign(evolved_from=None), evolved], ignore_index=True)
         ctx.stats.update(rows=len(df), base_rows=len(df) - len(evolved), **counts)
     df.to_parquet(ctx.out / "prompts.parquet", index=False)
+
+
+def evolve_prompts(prompts: pd.DataFrame, cfg: Any, policy_path: Any, device: Any, seed: int,
+                   label: str = "evolve") -> tuple[pd.DataFrame, dict[str, int]]:
+    """The evolved rows for `prompts` (a seeded choice of prompts.evolve of them) and the filter counts."""
+    p, s = cfg.prompts, cfg.sampler
+    builtin = p.source == "builtin"
+    candidates = prompts
+    if builtin and "constraints" in prompts:
+        candidates = prompts[~prompts["constraints"].str.contains("repeat_prompt", regex=False)]
+    rng = np.random.default_rng(seed)
+    chosen = candidates.iloc[np.sort(rng.permutation(len(candidates))[: min(p.evolve, len(candidates))])]
+    chosen = chosen.reset_index(drop=True)
+    parts = [split_rewritable(text, builtin) for text in chosen["prompt"]]
+    requests = [p.evolve_instruction.replace("{prompt}", head) for head, _ in parts]
+    counts = {"evolve_candidates": len(chosen)}
+    if not requests:
+        return prompts.iloc[:0].assign(evolved_from=pd.Series(dtype=str)), counts
+    spec = SamplingSpec(n=1, max_new_tokens=p.evolve_max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                        seed=seed, batch_size=s.batch_size)
+    with build_sampler(cfg, policy_path, device) as sampler:
+        completions = sampler.generate(requests, spec, desc=label, keys=[str(k) for k in chosen["prompt_id"]])
+    rewrites = [""] * len(chosen)
+    for c in completions:
+        text = clean_rewrite(c.response)
+        rewrites[c.prompt_index] = " ".join(text.split()) if builtin else text  # a task is one line
+    kept, reasons = keep_rewrites([head for head, _ in parts], [tail for _, tail in parts], rewrites,
+                                  p.evolve_max_length_ratio, set(prompts["prompt"]))
+    counts.update(reasons)
+    rows = []
+    for i in kept:
+        row = chosen.iloc[i].to_dict()
+        row.update(prompt_id=f"{row['prompt_id']}~evolved", prompt=rewrites[i] + parts[i][1],
+                   evolved_from=str(row["prompt_id"]))
+        rows.append(row)
+    counts["evolved"] = len(rows)
+    log.info("%s: %d of %d rewrites kept (empty %d, unchanged %d, length ratio %d, duplicate %d)", label, len(rows),
+             len(chosen), counts["evolve_empty"], counts["evolve_unchanged"], counts["evolve_length_ratio"],
+             counts["evolve_duplicate"])
+    return pd.DataFrame(rows, columns=[*prompts.columns, "evolved_from"]), counts

@@ -5,7 +5,7 @@ Output:  round_XX/scores/part-00000.parquet   generations' columns + reward
 Backends (reward.backend): `function` — a TRL-style reward function `module:function`
          (f(prompts, completions, **columns) -> list[float]); `hf_classifier` — a local
          AutoModelForSequenceClassification reward model run with its own chat template.
-Alone:   selfplay stage score round=R [shard=i num_shards=n]   (see selfplay/shards.py)
+Alone:   selfplay stage score round=R [shard=i num_shards=n]   (see selfplay/rundir/shards.py)
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import SelfplayError
-from ..rewards.scoring import build_scorer
+from selfplay.errors import SelfplayError
+from selfplay.rewards.scoring import build_scorer
 
 OUTPUTS = ("scores",)
 

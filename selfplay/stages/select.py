@@ -10,7 +10,7 @@ Output:  round_XX/selected.parquet   pairs' columns + metric, score, rank (1 = k
 Metrics: map       z(Δex) − w·z(|Δim|)  (alignment potential, arXiv 2503.01864; z over the round's pool,
                    population std, std 0 → all zeros); selection.signed=true uses z(Δim) instead of z(|Δim|)
                    (a pair the policy orders the wrong way round then counts as unlearnt, not as learnt).
-                   selection.weight=auto sets w per round from the pool (auto_weight below).
+                   selection.weight=auto sets w per round from the pool (selfplay/core/selection.py: auto_weight).
          explicit  Δex (largest first)      implicit  −|Δim| (smallest |Δim| first)
          real      −cos(e_chosen, e_rejected): least similar responses first (REAL, arXiv 2409.17169); e is the
                    mean over response tokens of the policy's last hidden layer, or of selection.real_encoder's
@@ -21,12 +21,14 @@ Alone:   selfplay stage select round=R
 from __future__ import annotations
 
 import logging
-import math
 
-import numpy as np
 import pandas as pd
 
-from ..config import round_seed
+from selfplay.backends.embeddings import pair_similarity
+from selfplay.config import round_seed
+from selfplay.core.selection import resolve_weight, select
+from selfplay.rundir.layout import round_name
+from selfplay.stages.margin import compute_margins
 
 log = logging.getLogger("selfplay")
 
@@ -46,108 +48,10 @@ def requires(r: int, cfg=None) -> list[tuple[int, str]]:
     return [(r, "margin")] + ([(r - 1, "select")] if accumulate else [])
 
 
-def zscore(values: np.ndarray) -> np.ndarray:
-    """(a − mean) / std with the population std (ddof 0); a constant pool gives all zeros."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        return values
-    mean, std = values.mean(), values.std(ddof=0)
-    # A constant pool's std comes out as rounding noise (e.g. 5e-17 for [0.4]*3), not 0: treat it as 0.
-    if not np.isfinite(std) or std <= 1e-12 * max(1.0, abs(mean)):
-        return np.zeros_like(values)
-    return (values - mean) / std
-
-
-def implicit_term(margin_implicit: np.ndarray, signed: bool = False) -> np.ndarray:
-    """What MAP discounts: |Δim| (default: the policy already separates the pair, either way round), or Δim itself
-    (signed: only a pair the policy already orders like the judge counts as learnt)."""
-    margin_implicit = np.asarray(margin_implicit, dtype=np.float64)
-    return margin_implicit if signed else np.abs(margin_implicit)
-
-
-def auto_weight(margin_explicit: np.ndarray, margin_implicit: np.ndarray, signed: bool = False) -> float:
-    """MAP's w for selection.weight=auto: max(0, Pearson correlation of Δex and the implicit term) over the pool.
-
-    Why: MAP wants pairs whose judge margin is large for what the policy's own margin already accounts for.
-    Regressing z(Δex) on z(m) (m = |Δim|, or Δim when signed), the residual z(Δex) − c·z(m) is exactly that part,
-    and between z-scores the least-squares slope c is their correlation. When the policy's margins track the judge's
-    (c → 1) the pairs it already separates are discounted fully; when they do not (c ≤ 0) they say nothing about
-    what the judge still sees, and MAP falls back to the explicit margin. Nothing to tune; the value is recorded
-    per round (selected.parquet's map_weight, the select manifest's map_weight).
-    """
-    ex, im = zscore(margin_explicit), zscore(implicit_term(margin_implicit, signed))
-    if len(ex) < 2 or not ex.any() or not im.any():
-        return 0.0
-    return float(max(0.0, np.mean(ex * im)))  # mean of products of population z-scores = Pearson r
-
-
-def map_score(margin_explicit: np.ndarray, margin_implicit: np.ndarray, weight: float,
-              signed: bool = False) -> np.ndarray:
-    """Alignment potential: high when the judge sees a large gap the policy has not learnt yet."""
-    return zscore(margin_explicit) - weight * zscore(implicit_term(margin_implicit, signed))
-
-
-def resolve_weight(pairs: pd.DataFrame, weight: float | str, signed: bool = False) -> float:
-    """A fixed w as given, or `auto`'s value on this pool."""
-    if weight == "auto":
-        return auto_weight(pairs["margin_explicit"].to_numpy(), pairs["margin_implicit"].to_numpy(), signed)
-    return float(weight)
-
-
-def metric_scores(pairs: pd.DataFrame, metric: str, weight: float, seed: int, signed: bool = False) -> np.ndarray:
-    ex = pairs["margin_explicit"].to_numpy(dtype=np.float64)
-    im = pairs["margin_implicit"].to_numpy(dtype=np.float64)
-    if metric == "map":
-        return map_score(ex, im, weight, signed)
-    if metric == "explicit" or metric == "all":
-        return ex
-    if metric == "implicit":
-        return -np.abs(im)
-    if metric == "real":
-        if "real_similarity" not in pairs:
-            raise ValueError("selection.metric=real needs a real_similarity column (select.real_similarity)")
-        return -pairs["real_similarity"].to_numpy(dtype=np.float64)
-    if metric == "random":
-        return np.random.default_rng(seed).random(len(pairs))
-    raise ValueError(f"selection.metric: unknown metric {metric!r}")
-
-
-def keep_count(pool: int, top_k: int | None, ratio: float | None, metric: str) -> int:
-    if metric == "all":
-        return pool
-    if top_k is not None:
-        return min(top_k, pool)
-    return min(pool, math.ceil(ratio * pool))
-
-
-PAIR_KEY = ["prompt_id", "chosen_sample_idx", "rejected_sample_idx"]
-
-
-def select(pairs: pd.DataFrame, metric: str, weight: float | str = 1.0, top_k: int | None = None,
-           ratio: float | None = None, seed: int = 0, signed: bool = False) -> pd.DataFrame:
-    """The kept pairs, best first, with metric, score and rank columns. Equal scores keep the pool's order
-    (prompt_id, then sample indices)."""
-    order = [c for c in PAIR_KEY if c in pairs]
-    scored = pairs.sort_values(order, kind="stable").reset_index(drop=True)
-    scored["metric"] = metric
-    w = resolve_weight(scored, weight, signed) if metric == "map" else None
-    scored["score"] = metric_scores(scored, metric, w, seed, signed)
-    if metric == "map":
-        scored["z_margin_explicit"] = zscore(scored["margin_explicit"].to_numpy())
-        name = "z_margin_implicit" if signed else "z_abs_margin_implicit"
-        scored[name] = zscore(implicit_term(scored["margin_implicit"].to_numpy(), signed))
-        scored["map_weight"] = w
-    ranked = scored.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
-    ranked["rank"] = np.arange(1, len(ranked) + 1)
-    return ranked.head(keep_count(len(ranked), top_k, ratio, metric)).reset_index(drop=True)
-
-
 def select_pool(pairs: pd.DataFrame, cfg, seed: int, policy_path=None, device=None) -> pd.DataFrame:
     """`select` as the config says, computing REAL's similarities first when metric=real (policy_path: π_r)."""
     sel = cfg.selection
     if sel.metric == "real" and "real_similarity" not in pairs:
-        from ..embeddings import pair_similarity
-
         pairs = pairs.assign(real_similarity=pair_similarity(pairs, cfg, policy_path, device))
     return select(pairs, sel.metric, sel.weight, sel.top_k, sel.ratio, seed=seed, signed=sel.signed)
 
@@ -164,7 +68,7 @@ def dataset_card(ctx, selected: pd.DataFrame, pool: int) -> str:
            "explicit": "largest explicit (reward-model) margin", "implicit": "smallest |implicit margin|",
            "random": "a seeded random subset", "all": "no selection (every non-tie pair)"}[sel.metric]
     judge = cfg.reward.function if cfg.reward.backend == "function" else cfg.reward.model
-    policy = cfg.model.path if ctx.round == 0 else f"round_{ctx.round - 1:02d}/policy of this run"
+    policy = cfg.model.path if ctx.round == 0 else f"{round_name(ctx.round - 1)}/policy of this run"
     return "\n".join([
         "---",
         "task_categories:", "- text-generation",
@@ -188,8 +92,6 @@ def dataset_card(ctx, selected: pd.DataFrame, pool: int) -> str:
 def accumulated(ctx) -> pd.DataFrame:
     """Earlier rounds' kept pairs (round r−1's selected.parquet holds its own predecessors), rescored under π_r:
     their log-probs become π_r's (the DPO reference of this round) and their Δim the current policy's."""
-    from .margin import compute_margins
-
     earlier = ctx.read_parquet("selected.parquet", r=ctx.round - 1)
     if earlier.empty:
         return earlier

@@ -9,10 +9,10 @@ Objectives (trainer.objective):
   mmpo   MMPO (arXiv 2410.03145): −p·log σ(βh) − (1−p)·log σ(−βh) with a soft label p = σ(γ_m·Δex) per pair, on the
          logit h of DPO (reference log-probs reused as above) or SimPO (trainer.mmpo_logits); p = 1 is plain DPO/SimPO.
 Logging: logger=tensorboard|wandb passes the trainer's own metrics (loss, rewards, margins per step) through TRL's
-         report_to into the run's tracker (selfplay/tracking.py); logger=none reports nowhere.
+         report_to into the run's tracker (selfplay/reports/tracking.py); logger=none reports nowhere.
 Scale:   trainer.distributed=ddp|fsdp|deepspeed_zero3 runs it through `accelerate launch` on every GPU of the
          node(s), trainer.peft=lora trains adapters merged into the saved policy, and the estimated peak memory per
-         device is printed (and checked) first — see selfplay/distributed.py.
+         device is printed (and checked) first — see selfplay/training/distributed.py.
 Alone:   selfplay stage train round=R
 """
 
@@ -29,14 +29,23 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .. import faults
-from ..chat import template_sha256
-from ..checkpoints import last_trainer_checkpoint
-from ..distributed import lora_config, plan_memory, run_distributed, topology
-from ..errors import NoPairsError, UnchangedPolicyError
-from ..modeling import load_causal_lm, load_tokenizer, torch_device
-from ..precision import train_bf16
-from ..tracking import trainer_report_to
+from selfplay.backends.chat import template_sha256
+from selfplay.backends.logprobs import add_label_head
+from selfplay.backends.modeling import (
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model_path,
+    safetensors_index,
+    torch_device,
+)
+from selfplay.backends.precision import train_bf16
+from selfplay.errors import NoPairsError, UnchangedPolicyError
+from selfplay.reports.tracking import trainer_report_to
+from selfplay.rundir import faults
+from selfplay.rundir.checkpoints import last_trainer_checkpoint
+from selfplay.rundir.layout import round_name
+from selfplay.stages.base import StageContext
+from selfplay.training.distributed import lora_config, plan_memory, run_distributed, topology
 
 log = logging.getLogger("selfplay")
 
@@ -57,8 +66,6 @@ def reference_logps(selected: pd.DataFrame, has_reference_model: bool) -> tuple[
 def _dpo_trainer_class():
     from peft import PeftModel
     from trl import DPOTrainer
-
-    from ..logprobs import add_label_head
 
     def is_peft_model(model) -> bool:
         return isinstance(model, PeftModel)
@@ -220,7 +227,7 @@ def common_args(cfg, output_dir: str, report_to: str | list[str] = "none", num_p
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_steps=1,
-        # Resumable checkpoints (selfplay/checkpoints.py): the newest one only, with optimizer, scheduler and RNG.
+        # Resumable checkpoints (selfplay/rundir/checkpoints.py): the newest one only, with optimizer, scheduler and RNG.
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,
         save_total_limit=1,
@@ -258,8 +265,6 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
         columns["ref_chosen_logps"], columns["ref_rejected_logps"] = reference_logps(selected, bool(cfg.model.reference))
     ref_model = None
     if not reuse and cfg.model.reference:
-        from ..modeling import resolve_model_path
-
         ref_model = load_causal_lm(resolve_model_path(cfg.model.reference), cfg.model.dtype, model.device,
                                    cfg.model.trust_remote_code)
     # MMPO reads the reference log-probs from the batch: without reuse, TRL precomputes them from the same reference.
@@ -287,8 +292,6 @@ def train_policy(cfg, run_dir: Path, r: int, out: Path, checkpoint_dir: Path) ->
     """Train π_{r+1} from π_r on round r's selected pairs into out/policy; returns the stats on the main process
     (None on the other ranks of a distributed run). The single-process stage and every distributed rank run this.
     Checkpoints go to checkpoint_dir; training resumes from the newest complete one there."""
-    from ..pipeline import StageContext
-
     ctx = StageContext(cfg=cfg, run_dir=run_dir, round=r, out=out)
     resume = last_trainer_checkpoint(checkpoint_dir)
     selected = ctx.read_parquet("selected.parquet")
@@ -348,8 +351,6 @@ def changed_tensor(before: Path, after: Path) -> str | None:
     import torch
     from safetensors import safe_open
 
-    from ..modeling import safetensors_index
-
     old, new = safetensors_index(before), safetensors_index(after)
     for name in [n for n in new if n in old]:
         with safe_open(str(old[name][0]), framework="pt") as a, safe_open(str(new[name][0]), framework="pt") as b:
@@ -367,7 +368,7 @@ def run(ctx) -> None:
     if selected.empty:
         raise NoPairsError(
             f"round {ctx.round}: no preference pairs to train on (every prompt's samples tied, see "
-            f"round_{ctx.round:02d}/pair.done.json). Raise sampler.n or sampler.temperature, add prompts "
+            f"{round_name(ctx.round)}/pair.done.json). Raise sampler.n or sampler.temperature, add prompts "
             f"(prompts.per_round), or check that the reward separates responses."
         )
     memory = plan_memory(cfg, ctx.policy_path())

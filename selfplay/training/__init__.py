@@ -1,0 +1,1 @@
+"""Training beyond one process: distributed launch (DDP, FSDP, DeepSpeed through accelerate) and LoRA."""
