@@ -32,9 +32,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import pandas as pd
-    from selfplay.backends.default_model import gguf_path
     from transformers import AutoTokenizer
 
+    from selfplay.backends.default_model import gguf_path
     from selfplay.testing import make_policy
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-rss-"))

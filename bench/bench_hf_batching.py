@@ -30,7 +30,6 @@ def main() -> None:
     from selfplay.backends.default_model import ensure_default_policy
     from selfplay.backends.samplers import SamplingSpec
     from selfplay.backends.samplers.hf import HFSampler
-
     from selfplay.rewards.ifeval import build_prompts
 
     torch.set_num_threads(torch.get_num_threads())

@@ -72,6 +72,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import pandas as pd
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     from selfplay.backends.batching import token_budget_batches
     from selfplay.backends.chat import prompt_messages, response_messages, reward_input_ids, training_tokens
     from selfplay.backends.default_model import ensure_default_policy
@@ -80,8 +82,6 @@ def main() -> None:
     from selfplay.backends.precision import native_bf16
     from selfplay.backends.samplers import SamplingSpec
     from selfplay.backends.samplers.hf import HFSampler
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     from selfplay.rewards.ifeval import build_prompts
     from selfplay.rewards.scoring import classifier_scorer
     from selfplay.stages.train import build_trainer

@@ -35,8 +35,9 @@ QWEN25_05B = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, n
 
 
 def model_config(shape: str):
-    from selfplay.backends.default_model import ensure_default_policy
     from transformers import AutoConfig
+
+    from selfplay.backends.default_model import ensure_default_policy
 
     if shape == "smollm2-135m":
         return AutoConfig.from_pretrained(ensure_default_policy())
@@ -84,12 +85,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
 
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     from selfplay.backends.batching import token_budget_batches
     from selfplay.backends.chat import reward_input_ids, training_tokens
     from selfplay.backends.default_model import ensure_default_policy
     from selfplay.backends.logprobs import completion_logps
     from selfplay.backends.modeling import load_tokenizer
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

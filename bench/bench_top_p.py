@@ -20,11 +20,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
+    from transformers import GenerationConfig
+
     from selfplay.backends.chat import generation_prompt_ids
     from selfplay.backends.default_model import ensure_default_policy
     from selfplay.backends.samplers.hf import HFSampler, TemperatureTopP
-    from transformers import GenerationConfig
-
     from selfplay.rewards.ifeval import build_prompts
 
     sampler = HFSampler(ensure_default_policy(), "float32", torch.device("cpu"))

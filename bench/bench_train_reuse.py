@@ -46,13 +46,13 @@ def main() -> None:
     import pandas as pd
     from bench_scoring import model_config, random_texts
     from hydra import compose, initialize_config_dir
+    from transformers import AutoModelForCausalLM
+
     from selfplay.backends.batching import token_budget_batches
     from selfplay.backends.chat import prompt_messages, response_messages, training_tokens
     from selfplay.backends.default_model import ensure_default_policy
     from selfplay.backends.logprobs import completion_logps
     from selfplay.backends.modeling import load_tokenizer
-    from transformers import AutoModelForCausalLM
-
     from selfplay.config import conf_dir, register
     from selfplay.stages.train import build_trainer
 

@@ -31,16 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def bare(args: argparse.Namespace) -> None:
     """Worker: a bare vLLM engine over the run's prompts; prints one JSON line."""
     import pandas as pd
+
     from selfplay.backends.samplers.vllm import eos_token_ids, request_seed
     from selfplay.backends.vllm_engine import EngineSpec, _cpu_shares, engine_env
-
     from selfplay.config import round_seed
 
     spec = EngineSpec(model=args.model, dtype="float32", max_model_len=2048, cpu_kv_cache_gb=args.kv_gb)
     os.environ.update(engine_env(spec, _cpu_shares(1)[0]))
     started = time.time()
-    from selfplay.backends.chat import generation_prompt_ids
     from vllm import LLM, SamplingParams
+
+    from selfplay.backends.chat import generation_prompt_ids
 
     llm = LLM(**spec.llm_kwargs())
     start_s = time.time() - started

@@ -66,6 +66,7 @@ def paired_lines(results: dict[str, dict], reference: str = "default") -> list[s
     """Each arm's held-out reward after its last round minus the default's, per held-out prompt (same prompts, same
     seed), with the bootstrap interval and minimum detectable difference of selfplay/core/stats.py."""
     import pandas as pd
+
     from selfplay.core.stats import paired_difference
 
     frames = []

@@ -27,8 +27,9 @@ def selfplay_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    from selfplay.backends.default_model import gguf_path
     from transformers import AutoTokenizer
+
+    from selfplay.backends.default_model import gguf_path
 
     gguf = gguf_path()
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

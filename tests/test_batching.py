@@ -5,6 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
+
 from selfplay.backends.batching import padding_fraction, token_budget_batches
 
 

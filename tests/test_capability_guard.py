@@ -27,7 +27,6 @@ def test_eval_only_families_stay_out_of_training_and_eval_reports_both_sides_and
     base = pd.read_parquet(rdir / "eval_base_generations.parquet")
     prompts = policy.drop_duplicates("prompt_id").set_index("prompt_id")
     from selfplay.runner.slurm import compose
-
     from selfplay.stages.prompts import heldout_prompts
 
     held = heldout_prompts(compose([*overrides, "prompts.eval_count=12"])).set_index("prompt_id")

@@ -54,7 +54,6 @@ def test_default_vllm_sampler_falls_back_to_hf_only_when_not_asked_for(monkeypat
     import importlib.util
 
     from selfplay.backends.samplers import resolve_backend
-
     from selfplay.errors import SelfplayError
 
     real_find_spec = importlib.util.find_spec

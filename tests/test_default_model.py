@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from selfplay.backends import default_model
 from selfplay.backends.default_model import (
     CACHE_SUBDIR,
@@ -26,7 +27,6 @@ from selfplay.backends.default_model import (
     ensure_default_policy,
     gguf_path,
 )
-
 from selfplay.errors import SelfplayError
 
 CHAT = [{"role": "user", "content": "hi"}]

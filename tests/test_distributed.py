@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny_overrides
 from safetensors.torch import load_file
+
 from selfplay.runner.slurm import compose
 from selfplay.training.distributed import Topology, accelerate_config, estimate_memory, launch_command
 

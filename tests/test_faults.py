@@ -66,6 +66,7 @@ def partial_files(run_dir: Path) -> list[str]:
     Hidden temp files and checkpoint directories are a stage's private state and are not looked at here."""
     import pyarrow.parquet as pq
     from safetensors import safe_open
+
     from selfplay.rundir import manifest as mf
 
     bad = []

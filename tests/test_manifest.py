@@ -4,6 +4,7 @@ and its outputs appear only complete."""
 import json
 
 import pytest
+
 from selfplay.rundir import manifest as mf
 
 
@@ -71,9 +72,8 @@ def test_a_key_absent_from_an_older_manifest_equals_its_default_and_nothing_else
     set to anything else, the stage is refused. A new option needs no entry anywhere for this."""
     from dataclasses import dataclass, field
 
-    from selfplay.rundir.manifest import diff_config
-
     from selfplay.config import Config, TrainerConfig, option
+    from selfplay.rundir.manifest import diff_config
 
     @dataclass
     class TrainerWithKnob(TrainerConfig):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from selfplay.backends.chat import prompt_messages, response_messages, training_tokens
 from torch.nn.functional import logsigmoid
 
+from selfplay.backends.chat import prompt_messages, response_messages, training_tokens
 from selfplay.config import Config, ConfigError, conf_dir, register, validate
 from selfplay.stages.train import _mmpo_cpo_trainer_class, build_trainer, mmpo_loss, soft_labels
 
@@ -119,9 +119,10 @@ def config(objective, **trainer):
 def policy_logps(policy, objective):
     """Per pair: (chosen, rejected) log-prob sums and token counts under the policy, by the margin stage's code (which
     sees the tokens TRL's trainers see, tests/test_trl_equivalence.py), not by the trainer's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from selfplay.backends.batching import token_budget_batches
     from selfplay.backends.logprobs import completion_logps
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
     sequences = [training_tokens(tokenizer, p, text, objective, MAX_LENGTH) for p, c, r in PAIRS for text in (c, r)]

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, TESTS, run_cli, tiny_overrides
-from selfplay.core.selection import zscore
 
 from selfplay.config import STAGES
+from selfplay.core.selection import zscore
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from selfplay.backends.precision import cpu_bf16_unit, engine_dtype, native_bf16, resolve, stage_bf16, train_bf16
-from selfplay.rundir.manifest import diff_config
 
+from selfplay.backends.precision import cpu_bf16_unit, engine_dtype, native_bf16, resolve, stage_bf16, train_bf16
 from selfplay.config import ConfigError, conf_dir, register, validate
+from selfplay.rundir.manifest import diff_config
 
 # bf16 keeps 8 significant bits: each matmul output is rounded to a relative u = 2⁻⁸ ≈ 0.4%, and through 30 layers a
 # few such roundings add up in each token's log-prob (logit − logsumexp). Documented tolerances (docs/performance.md), each ≈ 5·u:
@@ -85,11 +85,11 @@ def _pairs(tokenizer, n: int = 6):
 
 def test_bf16_rescoring_and_reward_scoring_agree_with_fp32(embedded, tmp_path):
     import pandas as pd
+    from transformers import AutoModelForSequenceClassification
+
     from selfplay.backends.batching import token_budget_batches
     from selfplay.backends.chat import training_tokens
     from selfplay.backends.logprobs import completion_logps
-    from transformers import AutoModelForSequenceClassification
-
     from selfplay.rewards.scoring import classifier_scorer
 
     path, tokenizer, model = embedded
@@ -130,10 +130,10 @@ def test_first_dpo_loss_is_ln2_with_reused_reference_logps(embedded, tmp_path, p
     same tokens under the same precision gives the same numbers, so the first loss is ln 2 and the first logged
     rewards are 0 — up to the rounding of two different batch layouts, which bf16 makes coarser."""
     import pandas as pd
+
     from selfplay.backends.batching import token_budget_batches
     from selfplay.backends.chat import prompt_messages, response_messages, training_tokens
     from selfplay.backends.logprobs import completion_logps
-
     from selfplay.stages.train import build_trainer
 
     path, tokenizer, model = embedded

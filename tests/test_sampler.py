@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from transformers.generation.logits_process import TopPLogitsWarper
+
 from selfplay.backends.samplers import SamplingSpec
 from selfplay.backends.samplers.hf import nucleus_mask
-from transformers.generation.logits_process import TopPLogitsWarper
 
 
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 0.999])
@@ -21,8 +22,9 @@ def test_nucleus_matches_transformers_top_p(top_p):
 def test_sampled_tokens_equal_transformers_temperature_and_top_p(tiny_policy):
     """Whole generate() calls, same seed: selfplay's processor vs HF's own TemperatureLogitsWarper + TopPLogitsWarper
     must pick the same tokens (this also pins the processor's position in HF's pipeline)."""
-    from selfplay.backends.samplers.hf import TemperatureTopP
     from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from selfplay.backends.samplers.hf import TemperatureTopP
 
     model = AutoModelForCausalLM.from_pretrained(tiny_policy)
     ids = torch.tensor([[1, 9690, 198, 2683, 314, 253, 5356, 2]])

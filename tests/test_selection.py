@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from selfplay.core.selection import keep_count, map_score, select, zscore
 
+from selfplay.core.selection import keep_count, map_score, select, zscore
 from selfplay.stages.pair import best_vs_worst
 
 

@@ -105,9 +105,9 @@ def test_offline_select_round_trips_a_rounds_selection(compare_run, tiny_policy,
     """`selfplay select` on a round's candidate pairs, with the run's settings, keeps the round's own pairs (the command
     once, then the same entry point in-process for the other metrics)."""
     from hydra import compose, initialize_config_dir
-    from selfplay.runner.offline import select_dataset
 
     from selfplay.config import conf_dir, register
+    from selfplay.runner.offline import select_dataset
 
     cmp_dir, _, _ = compare_run
     key = ["prompt_id", "chosen_sample_idx", "rejected_sample_idx"]
@@ -189,8 +189,8 @@ def test_offline_select_bad_input_names_the_row(tiny_policy, tmp_path):
 def test_real_similarity_with_the_embedded_sentence_encoder(tiny_policy):
     import torch
     from omegaconf import OmegaConf
-    from selfplay.backends.embeddings import pair_similarity
 
+    from selfplay.backends.embeddings import pair_similarity
     from selfplay.config import Config
 
     pairs = pd.DataFrame({
@@ -239,7 +239,6 @@ def test_accumulate_with_all_pairs_rescores_earlier_pairs_under_the_new_policy(t
 
 def test_mmpo_on_simpo_logits_through_the_whole_loop(tmp_path, tiny_policy, smol_tokenizer):
     from selfplay.backends.chat import training_tokens
-
     from selfplay.stages.train import soft_labels
 
     proc = run_cli("run", *tiny_overrides(tmp_path, tiny_policy, None, run_name="mmpo"), "rounds=1", "trainer=mmpo",

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from conftest import run_cli, tiny_overrides
 from safetensors.torch import load_file
+
 from selfplay.rundir import manifest as mf
 from selfplay.rundir.shards import read_shard_manifests, shard_span
 from selfplay.runner import pipeline

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+
 from selfplay.core.stats import minimum_detectable_difference, paired_difference, two_level_bootstrap
 
 

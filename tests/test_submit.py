@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli, tiny_overrides
+
 from selfplay.runner import pipeline
 from selfplay.runner.slurm import compose
 

@@ -11,9 +11,9 @@ import shutil
 import pandas as pd
 import pytest
 from conftest import run_cli, tiny_overrides
-from selfplay.reports.tracking import TrackerUnavailable, open_tracker, round_metrics
 
 from selfplay.config import STAGES, ConfigError, register, validate
+from selfplay.reports.tracking import TrackerUnavailable, open_tracker, round_metrics
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402

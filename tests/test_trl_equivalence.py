@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from selfplay.backends.batching import token_budget_batches
 from selfplay.backends.chat import prompt_messages, response_messages, training_tokens
 from selfplay.backends.logprobs import completion_logps

@@ -167,6 +167,7 @@ def test_engines_are_torn_down_when_the_stage_ends(vllm_policy):
     import time
 
     import ray
+
     from selfplay.backends.vllm_engine import EnginePool, EngineSpec
 
     spec = EngineSpec(model=str(vllm_policy), dtype="float32", cpu_kv_cache_gb=1)
