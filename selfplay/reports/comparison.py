@@ -92,11 +92,6 @@ def _mean(values: pd.Series) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
-def _mean_or_dash(values: pd.Series, fmt: str) -> str:
-    mean = _mean(values)
-    return "–" if mean is None else format(mean, fmt)
-
-
 def _spread(values: pd.Series) -> str:
     mean = values.mean()
     if len(values) < 2:
@@ -242,14 +237,14 @@ def _final_lines(n: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in n["table"]:
         mine = final[final["arm"] == row["arm"]]
-        guard = [_mean_or_dash(mine[c], fmt) for c, fmt in GUARD_COLUMNS]
+        guard = ["–" if row[c] is None else format(row[c], fmt) for c, fmt in GUARD_COLUMNS]  # means: _final_table
         lines.append(f"| {row['arm']} | {row['seeds']} | {_spread(mine['heldout_reward'])} | "
                      f"{_spread(mine['gain'])} | {mine['win_rate'].mean():.2f} | {row['selected_mean']:.1f} | "
                      + " | ".join(guard) + " |")
     for reference in ("random", "explicit"):
-        rows = [d for d in n["paired"] if d["versus"] == reference]
         if reference not in n["arms"]:
             continue
+        rows = [d for d in n["paired"] if d["versus"] == reference]
         lines += ["", f"### Paired by seed: arm − {reference} (held-out reward after round {last})", "",
                   "| arm | seeds | mean difference | std | seeds where arm > " + reference + " |", "|---|---|---|---|---|"]
         lines += [f"| {d['arm']} | {d['seeds']} | {d['mean_difference']:+.4f} | {d['std']:.4f} | "

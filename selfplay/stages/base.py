@@ -1,6 +1,7 @@
 """The stage contract: what a stage module declares, what it is given (StageContext), and how the runner finds a
-stage's inputs. Every module in `selfplay/stages/` (other than this one) is a stage with one entry point
-`run(ctx) -> None` that writes its outputs into `ctx.out` and its figures into `ctx.stats`, plus three declarations:
+stage's inputs. Every module in `selfplay/stages/` named in config.STAGES is a stage with one entry point
+`run(ctx) -> None` that writes its outputs into `ctx.out` and its figures into `ctx.stats` (a sharded stage, generate,
+score or margin, has `compute(ctx, shard, num_shards)` and `merge(ctx, parts, stats)` instead), plus three declarations:
 
     OUTPUTS              what it writes into the round directory (or OUTPUTS(round))
     CONFIG               the config keys its result depends on, recorded in its manifest (or CONFIG(cfg))
