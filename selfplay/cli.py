@@ -40,7 +40,7 @@ from selfplay.reports.comparison import find_runs, is_comparison, write_comparis
 from selfplay.reports.run_report import rebuild
 from selfplay.reports.status import format_status, run_status, status_json
 from selfplay.rundir.shards import SHARDED_STAGES
-from selfplay.runner import compare, pipeline, runlock, sweeps
+from selfplay.runner import compare, pipeline, runlock, sweeps, upgrade
 from selfplay.runner.offline import select_dataset
 from selfplay.runner.pipeline import preflight
 from selfplay.runner.slurm import submit
@@ -56,8 +56,9 @@ def _app(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate(cfg)
-        precision.resolve(cfg)  # auto → bf16 or fp32 on this machine, before any manifest records it
         keys = [o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+        upgrade.pin_old_behaviour(cfg, run_dir, keys)  # a run begun by an older selfplay keeps its old defaults
+        precision.resolve(cfg)  # auto → bf16 or fp32 on this machine, before any manifest records it
         # the default vllm → hf where vLLM is not installed
         resolve_backend(cfg, chosen_by_user=bool({"sampler", "sampler.backend"} & set(keys)),
                         batch_size_by_user="sampler.batch_size" in keys)

@@ -90,5 +90,6 @@ def test_a_key_absent_from_an_older_manifest_equals_its_default_and_nothing_else
     # options added since runs began, at their defaults, do not refuse a resume either
     assert diff_config({"prompts": {"per_round": 48}}, {"prompts": {"per_round": 48, "word_budget": None,
                                                                     "eval_only_families": []}}) == []
-    # the exception table: before `precision` existed every run was fp32
-    assert diff_config({}, {"precision": "fp32"}) == [] and diff_config({}, {"precision": "bf16"}) != []
+    # the migration table: in a schema-1 manifest an absent `precision` means fp32, what every run did then
+    assert diff_config({}, {"precision": "fp32"}, recorded_schema=1) == []
+    assert diff_config({}, {"precision": "bf16"}, recorded_schema=1) != []

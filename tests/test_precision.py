@@ -58,10 +58,13 @@ def test_bad_precision_and_optimizer_are_refused_by_name(override, option):
 
 
 def test_runs_begun_before_the_option_resume_at_its_old_value():
+    """A manifest of config schema 1 without `precision` was written before the option existed: it ran fp32."""
     old = {"model.dtype": "float32", "trainer": {"beta": 0.1}}
-    assert diff_config(old, {**old, "precision": "fp32", "trainer": {"beta": 0.1, "optim": "adamw_torch"}}) == []
-    assert diff_config(old, {**old, "precision": "bf16"}) == ["precision: 'fp32' -> 'bf16'"]
-    assert diff_config({**old, "precision": "bf16"}, {**old, "precision": "fp32"}) == ["precision: 'bf16' -> 'fp32'"]
+    new = {**old, "precision": "fp32", "trainer": {"beta": 0.1, "optim": "adamw_torch"}}
+    assert diff_config(old, new, recorded_schema=1) == []
+    assert diff_config(old, {**old, "precision": "bf16"}, recorded_schema=1) == ["precision: 'fp32' -> 'bf16'"]
+    assert diff_config({**old, "precision": "bf16"}, {**old, "precision": "fp32"}, recorded_schema=1) == [
+        "precision: 'bf16' -> 'fp32'"]
 
 
 @pytest.fixture(scope="module")

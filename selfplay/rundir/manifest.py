@@ -72,10 +72,51 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-# A key absent from a manifest written before the option existed compares equal to the option's schema default
-# (selfplay/config.py), and to nothing else: adding an option never refuses a resume at its default. The exceptions
-# are options whose behaviour before they existed is not today's default (the flattened key → that behaviour).
-ADDED_OPTIONS = {"precision": "fp32"}
+# Upgrades. A manifest records the config schema it was written under ("config_schema"; absent: 1). Reading an
+# older manifest's config, today's code:
+#   - moves a renamed key to its name today (Migration.renamed_from);
+#   - reads a key absent from it as what runs did before the key existed (Migration.before), and any other absent
+#     key as its schema default today (selfplay/config.py), and as nothing else: adding an option with a default
+#     needs no entry here and never refuses a resume at that default;
+#   - for a key whose default changed, keeps the run on its old value: runner/upgrade.py pins Migration.before
+#     for a run directory made before the change unless the command line sets the key.
+# Bump CONFIG_SCHEMA with each entry; tests/test_upgrade.py resumes a committed run directory made by old code.
+CONFIG_SCHEMA = 2
+
+
+NO_VALUE: Any = type("NoValue", (), {"__repr__": lambda self: "NO_VALUE"})()  # (dataclasses.MISSING means "required")
+
+
+@dataclass(frozen=True)
+class Migration:
+    since: int  # the first CONFIG_SCHEMA with the change
+    key: str  # the dotted key, by its name today
+    before: Any = NO_VALUE  # what runs made under an older schema did (the key absent, or its old default)
+    renamed_from: str | None = None  # the key's name before `since`
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(since=2, key="precision", before="fp32"),  # before `precision` existed every run was fp32
+)
+
+
+def config_schema(manifest: Mapping[str, Any]) -> int:
+    return int(manifest.get("config_schema", 1))
+
+
+def migrate_config(recorded: Mapping[str, Any], schema: int,
+                   migrations: Iterable[Migration] | None = None) -> dict[str, Any]:
+    """A manifest's flattened config as today's code reads it: renamed keys under today's names, and keys that
+    did not exist yet at the value runs had before them."""
+    flat = flatten(recorded)
+    for m in MIGRATIONS if migrations is None else migrations:
+        if schema >= m.since:
+            continue
+        if m.renamed_from is not None and m.renamed_from in flat:
+            flat.setdefault(m.key, flat.pop(m.renamed_from))
+        if m.before is not NO_VALUE:
+            flat.setdefault(m.key, m.before)
+    return flat
 
 
 def schema_default(key: str, schema: Any = None) -> Any:
@@ -86,14 +127,22 @@ def schema_default(key: str, schema: Any = None) -> Any:
     return MISSING if is_dataclass(value) else value
 
 
-def diff_config(old: Mapping[str, Any], new: Mapping[str, Any], schema: Any = None) -> list[str]:
-    """Human-readable `key: old -> new` lines for the keys whose values differ."""
-    a, b = flatten(old), flatten(new)
+def diff_config(old: Mapping[str, Any], new: Mapping[str, Any], schema: Any = None, recorded_schema: int | None = None,
+                migrations: Iterable[Migration] | None = None) -> list[str]:
+    """Human-readable `key: old -> new` lines for the keys whose values differ. `old` is a manifest's config
+    written under `recorded_schema` (default: today's, so nothing to migrate)."""
+    a = migrate_config(old, CONFIG_SCHEMA if recorded_schema is None else recorded_schema, migrations)
+    b = flatten(new)
     for key in set(b) - set(a):
-        before = ADDED_OPTIONS[key] if key in ADDED_OPTIONS else schema_default(key, schema)
+        before = schema_default(key, schema)
         if before is not MISSING:
             a[key] = before
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def config_changes(manifest: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """What differs between a finished stage's recorded config (read under its own schema) and `config`."""
+    return diff_config(manifest["config"], config, recorded_schema=config_schema(manifest))
 
 
 def manifest_path(round_dir: Path, stage: str) -> Path:
@@ -117,6 +166,7 @@ def build_manifest(stage: str, r: int, config: Mapping[str, Any], inputs: Mappin
     finished = time.time()
     return {
         "version": MANIFEST_VERSION,
+        "config_schema": CONFIG_SCHEMA,
         "stage": stage,
         "round": r,
         "config": dict(config),
@@ -176,7 +226,7 @@ def decide(round_dir: Path, stage: str, config: Mapping[str, Any], inputs: Mappi
         return Decision(True, "not run yet")
     if force:
         return Decision(True, "forced")
-    changed = diff_config(manifest["config"], config)
+    changed = config_changes(manifest, config)
     if changed:
         raise StageConfigChanged(
             f"{round_dir.name}/{stage} already finished with a different config:\n  "

@@ -88,7 +88,7 @@ def _run_shard(module: Any, ctx: StageContext, shard: int, num_shards: int, conf
     shards.check_shard_count(rdir, stage, num_shards, config, inputs)
     done = shards.read_shard_manifests(rdir, stage).get(num_shards, {}).get(shard)
     if done is not None and not force:
-        changed = mf.diff_config(done["config"], config)
+        changed = mf.config_changes(done, config)
         if changed:
             raise mf.StageConfigChanged(
                 f"{rdir.name}/{stage} shard {shard}/{num_shards} was computed with a different config:\n  "

@@ -37,7 +37,7 @@ from selfplay.errors import SelfplayError
 from selfplay.rundir import atomic, shards
 from selfplay.rundir import manifest as mf
 from selfplay.rundir.layout import round_dir
-from selfplay.runner import runlock, sweeps
+from selfplay.runner import runlock, sweeps, upgrade
 from selfplay.stages.base import StageInputMissing, config_view, input_fingerprints, stage_config_keys, stage_module
 
 # Keys `submit` sets itself in each job; `force` would redo a stage in every array task and merge alike.
@@ -92,7 +92,7 @@ def _complete(cfg: Any, run_dir: Path, stage: str, r: int) -> bool:
     manifest = mf.read_manifest(rdir, stage)
     if manifest is None or not mf.outputs_present(rdir, manifest):
         return False
-    changed = mf.diff_config(manifest["config"], config_view(cfg, stage_config_keys(stage_module(stage), cfg)))
+    changed = mf.config_changes(manifest, config_view(cfg, stage_config_keys(stage_module(stage), cfg)))
     if changed:
         raise mf.StageConfigChanged(f"{rdir.name}/{stage} already finished with a different config:\n  "
                                     + "\n  ".join(changed) + "\nSubmit with the old values, or use another run_name=…")
@@ -267,6 +267,7 @@ def submit(argv: list[str], out: Any = sys.stdout) -> int:
     check_overrides(overrides)
     cfg = compose(overrides)
     run_dir = (Path(cfg.output_root) / cfg.run_name).resolve()
+    upgrade.pin_old_behaviour(cfg, run_dir, [override_key(o) for o in overrides])  # as each job will
     workdir = Path(cfg.launcher.workdir).absolute() if cfg.launcher.workdir else Path.cwd()
     python = str(Path(cfg.launcher.python or sys.executable).absolute())
     for path, what in ((run_dir, "run directory"), (workdir, "working directory")):
