@@ -53,11 +53,14 @@ def pin_old_behaviour(cfg: DictConfig, run_dir: Path, command_line_keys: Iterabl
     command line sets it or the config no longer has it at today's default. Returns `key=value` of each pin."""
     given = set(command_line_keys)
     pins = []
+    finished: list[dict[str, Any]] | None = None  # read once, and only when some migration could apply
     for migration in mf.MIGRATIONS if migrations is None else migrations:
         key = migration.key
         if migration.before is mf.NO_VALUE or key in given or OmegaConf.select(cfg, key) != mf.schema_default(key):
             continue
-        if any(_records(m, migration, cfg) for m in _finished_manifests(run_dir)):
+        if finished is None:
+            finished = list(_finished_manifests(run_dir))
+        if any(_records(m, migration, cfg) for m in finished):
             OmegaConf.update(cfg, key, migration.before, merge=False)
             pins.append(f"{key}={migration.before!r}")
             log.info("%s was begun under an older selfplay: keeping %s=%r (the default now is %r; set %s=… on "
