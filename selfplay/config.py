@@ -542,6 +542,10 @@ class Config:
     # Experiment tracking: none | tensorboard (<run>/tensorboard/) | wandb (offline unless WANDB_MODE is set).
     # Per-round metrics with the round as step, plus the trainer's own metrics through TRL's report_to.
     logger: str = option("none", choices=LOGGERS)
+    # Rows of a round's table that score, pair, margin and select hold in memory at once (selfplay/rundir/tables.py;
+    # null: whole tables). A window never splits a prompt's rows; it is also the unit a score or margin shard takes.
+    # Results depend on it only through how the reward model's and margin's forward batches form inside a window.
+    window_rows: int | None = option(16_384, ge=1)
 
     # One node per group (conf/<group>/*.yaml fills it), in the order the loop uses them.
     model: ModelConfig = field(default_factory=ModelConfig)  # π_0

@@ -35,9 +35,10 @@ def frames(run_dir: Path, r: int = 0) -> dict[str, pd.DataFrame]:
 @pytest.mark.parametrize("reward", ["hf_classifier", "function"])
 def test_sharded_stages_equal_the_single_process_run(tmp_path, tiny_policy, tiny_reward_model, reward):
     rm = tiny_reward_model if reward == "hf_classifier" else None
-    # Small batches so that every stage has several units of work to split: 12 prompts in 6 generate windows of 2.
+    # Small batches so that every stage has several units of work to split: 12 prompts in 6 generate windows of 2;
+    # windows of 8 rows, so score, pair, margin and select stream several windows and shards take some each.
     extra = ["rounds=1", "prompts.per_round=12", "sampler.batch_size=1", "sampler.sort_window_batches=2",
-             "reward.batch_size=4", "margin.batch_size=4"]
+             "reward.batch_size=4", "margin.batch_size=4", "window_rows=8"]
     local = run_cli("run", *tiny_overrides(tmp_path, tiny_policy, rm, "local"), *extra)
     assert local.returncode == 0, local.stderr[-3000:]
 

@@ -327,11 +327,40 @@ def engine_spec(model_path: Any, dtype: str, device: Any, sampler_cfg: Any, trus
 ITEMS_PER_CALL = 256  # sequences per engine call for rewards and log-probs (the engine batches by token budget)
 
 
+class EngineMap:
+    """`method` over items in fixed-size chunks on the `sampler.num_engines` engines of `spec` (joining `ray`),
+    flattened back into item order. The engines start at the first call and stay up until `close`, so a stage that
+    streams its table window by window pays one engine start, not one per window."""
+
+    def __init__(self, spec: EngineSpec, sampler_cfg: Any, ray_cfg: Any):
+        self.spec, self.sampler_cfg, self.ray_cfg = spec, sampler_cfg, ray_cfg
+        self.pool: EnginePool | None = None
+
+    def __call__(self, method: str, items: list[Any], desc: str, tokens: Callable[[Any], int]) -> list[Any]:
+        """One result per item; `tokens(item)` feeds the progress bar's rate."""
+        if not items:
+            return []
+        if self.pool is None:
+            self.pool = EnginePool(self.spec, self.sampler_cfg.num_engines, self.ray_cfg.address,
+                                   self.ray_cfg.num_cpus).__enter__()
+        chunks = [items[s : s + ITEMS_PER_CALL] for s in range(0, len(items), ITEMS_PER_CALL)]
+        parts = self.pool.map(method, chunks, desc=desc, unit="seq", count=lambda chunk, _: sum(map(tokens, chunk)))
+        return [value for part in parts for value in part]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def __enter__(self) -> EngineMap:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def map_items(spec: EngineSpec, sampler_cfg: Any, ray_cfg: Any, method: str, items: list[Any], desc: str,
               tokens: Callable[[Any], int]) -> list[Any]:
-    """One result per item: `method` over the items in fixed-size chunks on the `sampler.num_engines` engines of
-    `spec` (joining `ray`), flattened back into item order. `tokens(item)` feeds the progress bar's rate."""
-    chunks = [items[s : s + ITEMS_PER_CALL] for s in range(0, len(items), ITEMS_PER_CALL)]
-    with EnginePool(spec, sampler_cfg.num_engines, ray_cfg.address, ray_cfg.num_cpus) as pool:
-        parts = pool.map(method, chunks, desc=desc, unit="seq", count=lambda chunk, _: sum(map(tokens, chunk)))
-    return [value for part in parts for value in part]
+    """`EngineMap` for one call: the engines start and stop around it."""
+    with EngineMap(spec, sampler_cfg, ray_cfg) as engines:
+        return engines(method, items, desc, tokens)

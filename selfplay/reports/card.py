@@ -16,7 +16,7 @@ import pandas as pd
 from selfplay.config import STAGES, round_seed
 from selfplay.core.selection import PAIR_KEY, select
 from selfplay.reports.plotting import pyplot, save_figure
-from selfplay.rundir import atomic, faults
+from selfplay.rundir import atomic, faults, tables
 from selfplay.rundir.layout import round_dir
 from selfplay.rundir.manifest import read_manifest
 
@@ -124,12 +124,21 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+TEXT = tables.PAIR_TEXT
+
+
+def _without_text(path: Path) -> pd.DataFrame:
+    """A pairs table without its text columns, with `file_row` (its row in the file) to fetch the text by."""
+    frame = tables.read_columns(path, [c for c in tables.column_names(path) if c not in TEXT])
+    return frame.assign(file_row=np.arange(len(frame)))
+
+
 def write_round_card(run_dir: Path, r: int) -> Path:
     """Write round_XX/card.md and its plots (needs the round's select stage; later stages are optional)."""
     rdir = round_dir(run_dir, r)
-    scores = pd.read_parquet(rdir / "scores")
-    pairs = pd.read_parquet(rdir / "pairs.parquet")
-    selected = pd.read_parquet(rdir / "selected.parquet")
+    # Narrow columns only (a round may be millions of rows); the three example pairs' text is read by row.
+    scores = tables.read_columns(rdir / "scores", ["prompt_id", "reward", "n_tokens"])
+    pairs, selected = (_without_text(rdir / name) for name in ("pairs.parquet", "selected.parquet"))
     numbers = card_numbers(scores, pairs, selected)
     _plots(rdir, scores, pairs, selected)
     manifests = {s: read_manifest(rdir, s) for s in STAGES}
@@ -153,8 +162,10 @@ def write_round_card(run_dir: Path, r: int) -> Path:
                      f"`{m['config_hash']}` | {f'`{template}`' if template else ''} |")
     if len(pairs):
         sel = manifests["select"]["config"]["selection"]
+        source = rdir / "pairs.parquet"
         if sel["metric"] == "real":  # the similarities were computed for the stage; the file keeps the kept ones
             ranked, where = selected[selected["round"] == r] if "round" in selected else selected, "kept pairs"
+            source = rdir / "selected.parquet"
         else:
             # The whole pool ranked exactly as the select stage ranked it (same metric, weight and seed).
             weight = float(selected["map_weight"].iloc[0]) if "map_weight" in selected and len(selected) else sel["weight"]
@@ -163,7 +174,9 @@ def write_round_card(run_dir: Path, r: int) -> Path:
             where = "whole pool"
         lines += ["", f"## Example pairs ({where}, by selection score)", ""]
         for label, i in (("highest", 0), ("median", len(ranked) // 2), ("lowest", len(ranked) - 1)):
-            lines += _example(ranked.iloc[i], label)
+            row = ranked.iloc[i]
+            text = tables.read_rows(source, int(row["file_row"]), int(row["file_row"]) + 1, TEXT).iloc[0]
+            lines += _example(pd.concat([row, text]), label)
     path = atomic.write_text(rdir / "card.md", "\n".join(lines) + "\n")
     atomic.write_json(rdir / "card.json", numbers)
     faults.point(faults.stage_label(rdir.name, "card", "written"))

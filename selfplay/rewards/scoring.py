@@ -1,13 +1,15 @@
-"""Reward backends. `build_scorer(cfg, device)` returns `scorer(frame, desc, shard=(i, n)) -> pd.Series`: one finite
-float per row of a generations frame (columns prompt, response, and the prompt's extra columns), indexed by row
-position. Each backend scores in a fixed schedule of batches; `shard` takes shard i of n of those batches
-(selfplay/rundir/shards.py), the default (0, 1) all rows."""
+"""Reward backends. `scorer_session(cfg, device)` yields `scorer(frame, desc) -> pd.Series`: one finite float per
+row of a generations frame (columns prompt, response, and the prompt's extra columns), indexed by row position. Each
+backend scores a frame in a fixed schedule of batches that depends on the frame alone; the score stage calls it once
+per window of the round's generations (selfplay/rundir/tables.py), and the session keeps a model or engine loaded
+across the windows."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,10 @@ from selfplay.backends.batching import token_budget_batches
 from selfplay.backends.chat import reward_input_ids
 from selfplay.backends.modeling import load_reward_model, load_tokenizer, resolve_model_path
 from selfplay.backends.precision import autocast, engine_dtype, stage_bf16
-from selfplay.backends.vllm_engine import ITEMS_PER_CALL, engine_spec, map_items
+from selfplay.backends.vllm_engine import EngineMap, engine_spec
 from selfplay.errors import InputError
-from selfplay.rundir.shards import shard_span
 
 Scorer = Callable[..., pd.Series]
-ALL = (0, 1)
 RESERVED = {"prompt", "response", "prompt_id", "sample_idx", "n_tokens", "finish_reason"}
 
 
@@ -87,14 +87,14 @@ def function_scorer(spec: str, chunk: int = 512) -> Scorer:
                 and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
                 and name not in ("prompts", "completions")]
 
-    def score(frame: pd.DataFrame, desc: str = "score", shard: tuple[int, int] = ALL) -> pd.Series:
+    def score(frame: pd.DataFrame, desc: str = "score") -> pd.Series:
         extra = [c for c in frame.columns if c not in RESERVED and c != "reward" and (takes_any or c in params)]
         absent = [name for name in required if name not in extra]
         if absent:
             raise InputError(f"reward function {spec} needs the column(s) {absent}, which the rows do not have "
                              f"(columns: {sorted(c for c in frame.columns if c not in RESERVED)}); give them in the "
                              "prompt file, or choose a reward function that needs only prompts and completions")
-        lo, hi = shard_span(len(frame), chunk, *shard)
+        lo, hi = 0, len(frame)
         values: list[np.ndarray] = []
         for start in tqdm(range(lo, hi, chunk), desc=desc, unit="chunk", dynamic_ncols=True):
             part = frame.iloc[start : min(start + chunk, hi)]
@@ -115,13 +115,11 @@ def classifier_scorer(model_dir: str, dtype: str, batch_size: int, max_length: i
     model = load_reward_model(Path(path), dtype, device, trust_remote_code)
     pad_id = model.config.pad_token_id
 
-    def score(frame: pd.DataFrame, desc: str = "score", shard: tuple[int, int] = ALL) -> pd.Series:
+    def score(frame: pd.DataFrame, desc: str = "score") -> pd.Series:
         encoded = [reward_input_ids(tokenizer, p, r, max_length)
                    for p, r in zip(frame["prompt"], frame["response"], strict=True)]
-        # Token-budget batches, longest first (ties by row), fixed by the data alone: a shard's are the same batches.
+        # Token-budget batches, longest first (ties by row), fixed by the frame alone.
         batches = token_budget_batches([len(e) for e in encoded], batch_size, max_batch_tokens)
-        lo, hi = shard_span(len(batches), 1, *shard)
-        batches = batches[lo:hi]
         order = [i for batch in batches for i in batch]
         out = np.empty(len(order))
         bar = tqdm(total=sum(len(encoded[i]) for i in order), desc=desc, unit="tok", unit_scale=True,
@@ -154,14 +152,19 @@ def vllm_scorer(model_dir: str, dtype: str, max_length: int, device: Any, trust_
     spec = engine_spec(path, dtype, device, sampler_cfg, trust_remote_code, runner="pooling")
     spec.max_model_len = max(spec.max_model_len, max_length)
 
-    def score(frame: pd.DataFrame, desc: str = "score", shard: tuple[int, int] = ALL) -> pd.Series:
-        lo, hi = shard_span(len(frame), ITEMS_PER_CALL, *shard)
-        encoded = [reward_input_ids(tokenizer, p, r, max_length)
-                   for p, r in zip(frame["prompt"].iloc[lo:hi], frame["response"].iloc[lo:hi], strict=True)]
-        values = map_items(spec, sampler_cfg, ray_cfg, "classify", encoded, desc, tokens=len)
-        rows = np.arange(lo, hi)
-        return pd.Series(check_rewards(values, len(rows), f"reward model {path} (vllm)", frame.iloc[rows]), index=rows)
+    engines = EngineMap(spec, sampler_cfg, ray_cfg)
 
+    def score(frame: pd.DataFrame, desc: str = "score") -> pd.Series:
+        encoded = [reward_input_ids(tokenizer, p, r, max_length)
+                   for p, r in zip(frame["prompt"], frame["response"], strict=True)]
+        values = engines("classify", encoded, desc, tokens=len)
+        if not score.keep_engines:  # a lone call (eval, offline select) frees the accelerator for what comes next
+            engines.close()
+        return pd.Series(check_rewards(values, len(frame), f"reward model {path} (vllm)", frame),
+                         index=np.arange(len(frame)))
+
+    score.keep_engines = False
+    score.close = engines.close
     return score
 
 
@@ -190,3 +193,18 @@ SCORERS: dict[str, Callable[[Any, Any], Scorer]] = {"function": _function_backen
 def build_scorer(cfg: Any, device: Any) -> Scorer:
     """The `reward.backend` scorer of a run's config."""
     return SCORERS[cfg.reward.backend](cfg, device)
+
+
+@contextlib.contextmanager
+def scorer_session(cfg: Any, device: Any) -> Iterator[Scorer]:
+    """`build_scorer` for a stage that calls it window after window: an engine-backed scorer (vllm) keeps its
+    engines up between calls and stops them when the block ends."""
+    scorer = build_scorer(cfg, device)
+    if hasattr(scorer, "keep_engines"):
+        scorer.keep_engines = True
+    try:
+        yield scorer
+    finally:
+        close = getattr(scorer, "close", None)
+        if close is not None:
+            close()

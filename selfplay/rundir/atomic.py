@@ -41,7 +41,12 @@ def write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+# Row groups of at most this many rows: a reader that streams a table (selfplay/rundir/tables.py) decodes one row
+# group at a time, and at ~1–2 KB of text a row this is tens of MB.
+ROW_GROUP_ROWS = 16_384
+
+
 def write_parquet(path: Path, frame: Any) -> Path:
     with replacing(path) as tmp:
-        frame.to_parquet(tmp, index=False)
+        frame.to_parquet(tmp, index=False, row_group_size=ROW_GROUP_ROWS)
     return path

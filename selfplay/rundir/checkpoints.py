@@ -48,6 +48,11 @@ class ChunkStore:
     def _paths(self, index: int) -> tuple[Path, Path]:
         return self.directory / f"chunk-{index:05d}.parquet", self.directory / f"chunk-{index:05d}.json"
 
+    def has(self, index: int) -> bool:
+        """Cheap: the chunk's record is there (load still checks its sha256)."""
+        data, meta_path = self._paths(index)
+        return data.is_file() and _read_meta(meta_path) is not None
+
     def load(self, index: int) -> tuple[pd.DataFrame, dict[str, Any]] | None:
         data, meta_path = self._paths(index)
         meta = _read_meta(meta_path)

@@ -21,13 +21,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from selfplay.errors import SelfplayError
-from selfplay.rundir import atomic
+from selfplay.rundir import atomic, tables
 from selfplay.rundir import manifest as mf
 from selfplay.rundir.layout import round_index
 
@@ -86,16 +87,18 @@ def check_shard_count(round_dir: Path, stage: str, num_shards: int, config: dict
         )
 
 
-def write_part(round_dir: Path, stage: str, shard: int, num_shards: int, part: pd.DataFrame, config: dict,
-               inputs: dict, stats: dict[str, Any], started: float) -> dict[str, Any]:
-    """Publish one computed shard: part file first (temp + rename), manifest last."""
+def write_part(round_dir: Path, stage: str, shard: int, num_shards: int,
+               part: pd.DataFrame | Iterable[pd.DataFrame], config: dict, inputs: dict, stats: dict[str, Any],
+               started: float) -> dict[str, Any]:
+    """Publish one computed shard: part file first (temp + rename; `part` may be frames as a stage computes them,
+    written as they come), manifest last, once the computation — and with it `stats` — is complete."""
     sdir = shard_dir(round_dir, stage)
     sdir.mkdir(parents=True, exist_ok=True)
     name = part_name(shard, num_shards)
-    atomic.write_parquet(sdir / f"{name}.parquet", part)
+    rows = tables.write_frames(sdir / f"{name}.parquet", part)
     manifest = mf.build_manifest(stage, round_index(round_dir.name), config, inputs,
                                  mf.checksum_outputs(sdir, [f"{name}.parquet"]), stats, started)
-    manifest.update(shard=shard, num_shards=num_shards)
+    manifest.update(shard=shard, num_shards=num_shards, rows=rows)
     atomic.write_json(sdir / f"{name}.done.json", manifest)
     return manifest
 

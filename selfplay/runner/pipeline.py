@@ -26,7 +26,7 @@ from selfplay.reports.card import write_round_card
 from selfplay.reports.run_report import round_summary, write_report
 from selfplay.reports.tracking import open_tracker, round_metrics
 from selfplay.rewards.scoring import load_function
-from selfplay.rundir import atomic, checkpoints, shards
+from selfplay.rundir import atomic, checkpoints, shards, tables
 from selfplay.rundir import manifest as mf
 from selfplay.rundir.layout import round_dir, stage_scratch
 from selfplay.stages.base import (
@@ -100,7 +100,7 @@ def _run_shard(module: Any, ctx: StageContext, shard: int, num_shards: int, conf
     started = time.time()
     part = module.compute(ctx, shard, num_shards)
     manifest = shards.write_part(rdir, stage, shard, num_shards, part, config, inputs, ctx.stats, started)
-    log.info("%s done in %.1fs (%d rows)", label, manifest["timings"]["seconds"], len(part))
+    log.info("%s done in %.1fs (%d rows)", label, manifest["timings"]["seconds"], manifest["rows"])
     return manifest
 
 
@@ -112,9 +112,8 @@ def _merge_shards(module: Any, ctx: StageContext, stage: str, config: dict, inpu
         shards.remove_shards(rdir, stage)
     found = shards.matching_shards(rdir, stage, config, inputs)
     if not found:
-        part = module.compute(ctx, 0, 1)
         path = ctx.out / f".{shards.part_name(0, 1)}.parquet"
-        part.to_parquet(path, index=False)
+        tables.write_frames(path, module.compute(ctx, 0, 1))
         part_stats = [dict(ctx.stats)]
         ctx.stats.clear()
         module.merge(ctx, [path], part_stats)

@@ -30,7 +30,7 @@ from selfplay.rundir.layout import round_name
 from selfplay.rundir.manifest import fingerprint
 from selfplay.stages.base import config_view, policy_fingerprint
 from selfplay.stages.generate import completions_frame
-from selfplay.stages.margin import score_model
+from selfplay.stages.margin import LogpScorer
 from selfplay.stages.prompts import heldout_prompts
 
 CONFIG = ("eval", "reward", "prompts", "sampler.backend", "sampler.max_new_tokens", "sampler.temperature", "sampler.top_p",
@@ -149,7 +149,8 @@ def drift(ctx, base: pd.DataFrame) -> dict:
     under π_0 itself (0 at π_0; falling as the policy moves away from what it used to say), with the tokens of the
     trainer's own format (selfplay/backends/chat.py)."""
     def per_token(policy_path, label: str) -> float:
-        values, _ = score_model(policy_path, base[["prompt", "response"]], ctx.cfg, ctx.device, label, (0, 1))
+        with LogpScorer(policy_path, ctx.cfg, ctx.device) as scorer:
+            values = scorer(base[["prompt", "response"]], label)
         return float(values["logp_sum"].sum() / max(int(values["n_tokens"].sum()), 1))
 
     mine = per_token(ctx.round_dir / "policy", f"eval π_{ctx.round + 1} drift")

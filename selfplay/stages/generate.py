@@ -1,15 +1,17 @@
 """generate — N candidate responses per prompt from the round's policy π_r.
 
 Input:   round_XX/prompts.parquet; π_r (round 0: model.path, else round_{r-1}/policy)
-Output:  round_XX/generations/part-*.parquet (one part per shard, in prompt-file order)
+Output:  round_XX/generations/part-*.parquet (one part per shard, in prompt-file order, written window by window)
          prompt_id, prompt, sample_idx, response, n_tokens, finish_reason (+ the prompt file's other columns)
 Alone:   selfplay stage generate round=R [shard=i num_shards=n]   (see selfplay/rundir/shards.py)
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -54,10 +56,11 @@ def completions_frame(prompts: pd.DataFrame, completions: list) -> pd.DataFrame:
     return pd.concat([prompt_rows[first], rows, prompt_rows[extra]], axis=1)
 
 
-def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
+def compute(ctx, shard: int, num_shards: int) -> Iterator[pd.DataFrame]:
     """The completions of this shard's windows of `sampler.sort_window_batches` × `batch_size` prompts (hf sorts by
     length inside a window; vllm runs chunks of `batch_size` prompts), so any shard count gives the same batches.
-    Each window is checkpointed when it finishes; a resumed attempt (any shard count) reads the windows done."""
+    Yields them window by window, as the part file takes them; each window is checkpointed when it finishes, and a
+    resumed attempt (any shard count) reads back the windows done instead of generating them."""
     cfg = ctx.cfg
     s = cfg.sampler
     prompts = ctx.read_parquet("prompts.parquet")
@@ -65,14 +68,19 @@ def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
     lo, hi = shard_span(len(prompts), window, shard, num_shards)
     windows = range(lo // window, -(-hi // window))
     store = ChunkStore(ctx.checkpoint_dir, faults.stage_label(ctx.round_dir.name, "generate", "window"))
-    done = {w: chunk for w in windows if (chunk := store.load(w)) is not None}
+    done = [w for w in windows if store.has(w)]
     label = f"round {ctx.round} generate" + (f" {shard}/{num_shards}" if num_shards > 1 else "")
     if done:
         log.info("%s: %d of %d windows were checkpointed by an earlier attempt", label, len(done), len(windows))
-    engine_start_s = 0.0
-    if len(done) < len(windows):
-        with build_sampler(cfg, ctx.policy_path(), ctx.device) as sampler:
-            for w in (w for w in windows if w not in done):
+    stats: list[dict] = []
+    yield completions_frame(prompts.iloc[:0], [])  # the columns, should the shard have no window
+    with contextlib.ExitStack() as stack:
+        sampler = None
+        for w in windows:
+            chunk = store.load(w)
+            if chunk is None:
+                if sampler is None:  # started only when some window is not checkpointed
+                    sampler = stack.enter_context(build_sampler(cfg, ctx.policy_path(), ctx.device))
                 rows = prompts.iloc[w * window:min((w + 1) * window, hi)].reset_index(drop=True)
                 spec = SamplingSpec(n=s.n, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                                     seed=round_seed(cfg.seed, ctx.round), batch_size=s.batch_size,
@@ -80,20 +88,18 @@ def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
                 skipped, started = sampler.skipped_overlong, time.time()
                 completions = sampler.generate(list(rows["prompt"]), spec, keys=[str(k) for k in rows["prompt_id"]],
                                                desc=label + (f" window {w + 1}/{len(windows)}" if len(windows) > 1 else ""))
-                done[w] = (completions_frame(rows, completions),
-                           dict(prompts=len(rows), skipped_overlong_prompts=sampler.skipped_overlong - skipped,
-                                generation_s=round(time.time() - started, 2),
-                                chat_template_sha256=template_sha256(sampler.tokenizer)))
-                store.save(w, *done[w])
-            engine_start_s = sampler.timings.get("engine_start_s", 0.0)
-    stats = [done[w][1] for w in windows]
+                chunk = (completions_frame(rows, completions),
+                         dict(prompts=len(rows), skipped_overlong_prompts=sampler.skipped_overlong - skipped,
+                              generation_s=round(time.time() - started, 2),
+                              chat_template_sha256=template_sha256(sampler.tokenizer)))
+                store.save(w, *chunk)
+            stats.append(chunk[1])
+            yield chunk[0]
+        engine_start_s = sampler.timings.get("engine_start_s", 0.0) if sampler is not None else 0.0
     ctx.stats.update(prompts=hi - lo, skipped_overlong_prompts=sum(st["skipped_overlong_prompts"] for st in stats),
                      generation_s=round(sum(st["generation_s"] for st in stats), 2), engine_start_s=engine_start_s,
                      chat_template_sha256=stats[0]["chat_template_sha256"] if stats
                      else template_sha256(load_tokenizer(ctx.policy_path(), cfg.model.trust_remote_code)))
-    if not stats:
-        return completions_frame(prompts.iloc[:0], [])
-    return pd.concat([done[w][0] for w in windows], ignore_index=True)
 
 
 def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:

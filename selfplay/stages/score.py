@@ -1,7 +1,8 @@
 """score — a scalar reward for every response.
 
 Input:   round_XX/generations/part-*.parquet
-Output:  round_XX/scores/part-00000.parquet   generations' columns + reward
+Output:  round_XX/scores/part-*.parquet   generations' rows and columns + reward, one part per window of
+         `window_rows` rows (selfplay/rundir/tables.py): the stage holds one window of text at a time
 Backends (reward.backend): `function` — a TRL-style reward function `module:function`
          (f(prompts, completions, **columns) -> list[float]); `hf_classifier` — a local
          AutoModelForSequenceClassification reward model run with its own chat template.
@@ -15,14 +16,19 @@ from pathlib import Path
 import pandas as pd
 
 from selfplay.errors import SelfplayError
-from selfplay.rewards.scoring import build_scorer
+from selfplay.rewards.scoring import scorer_session
+from selfplay.rundir import atomic, tables
+from selfplay.rundir.shards import shard_span
 
 OUTPUTS = ("scores",)
 
 
 def CONFIG(cfg) -> tuple[str, ...]:  # noqa: N802 — the runner reads CONFIG from every stage
     """A reward model runs under `precision`; a reward function does not."""
-    return ("reward", "model.trust_remote_code") + (("precision",) if cfg.reward.backend != "function" else ())
+    # A model's batches form inside a window, so window_rows counts for a model too (a function sees ≤ 512 rows a call
+    # whatever the window).
+    model = ("precision", "window_rows") if cfg.reward.backend != "function" else ()
+    return ("reward", "model.trust_remote_code") + model
 
 
 def requires(r: int, cfg=None) -> list[tuple[int, str]]:
@@ -30,27 +36,44 @@ def requires(r: int, cfg=None) -> list[tuple[int, str]]:
 
 
 def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
-    """Rewards of this shard's batches of the backend's schedule, keyed by row of the generations."""
-    df = ctx.read_parquet("generations")
-    scorer = build_scorer(ctx.cfg, ctx.device)
+    """Rewards of this shard's windows of the generations (`window_rows` rows each, scored one at a time in the
+    backend's batches), keyed by row of the generations."""
+    path = ctx.path("generations")
+    spans = tables.windows(tables.count_rows(path), ctx.cfg.window_rows)
+    lo, hi = shard_span(len(spans), 1, shard, num_shards)
     label = f"round {ctx.round} score" + (f" {shard}/{num_shards}" if num_shards > 1 else "")
-    rewards = scorer(df, desc=label, shard=(shard, num_shards))
-    rows = rewards.index.to_numpy()
-    return pd.DataFrame({"row": rows, "prompt_id": df["prompt_id"].to_numpy()[rows],
-                         "sample_idx": df["sample_idx"].to_numpy()[rows], "reward": rewards.to_numpy()})
+    parts = [pd.DataFrame({"row": pd.Series(dtype="int64"), "prompt_id": pd.Series(dtype=object),
+                           "sample_idx": pd.Series(dtype="int64"), "reward": pd.Series(dtype="float64")})]
+    with scorer_session(ctx.cfg, ctx.device) as scorer:
+        for w, (start, _, frame) in enumerate(tables.iter_windows(path, spans[lo:hi]), start=lo):
+            rewards = scorer(frame, desc=label + (f" window {w + 1}/{len(spans)}" if len(spans) > 1 else ""))
+            rows = rewards.index.to_numpy()
+            parts.append(pd.DataFrame({"row": rows + start, "prompt_id": frame["prompt_id"].to_numpy()[rows],
+                                       "sample_idx": frame["sample_idx"].to_numpy()[rows],
+                                       "reward": rewards.to_numpy()}))
+    return pd.concat(parts, ignore_index=True)
 
 
 def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
-    df = ctx.read_parquet("generations")
+    """scores/ is generations' rows window by window, each with its reward (one part file per window)."""
+    path = ctx.path("generations")
+    n_rows = tables.count_rows(path)
     rewards = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).set_index("row").sort_index()
+    keys = tables.read_columns(path, ["prompt_id", "sample_idx"])
     # Every row scored exactly once, by the row it claims (a part from other generations would not line up).
-    if not rewards.index.equals(pd.RangeIndex(len(df))) or not (
-            (rewards["prompt_id"].to_numpy() == df["prompt_id"].to_numpy()).all()
-            and (rewards["sample_idx"].to_numpy() == df["sample_idx"].to_numpy()).all()):
-        raise SelfplayError(f"round {ctx.round} score: the shard parts do not cover the {len(df)} generations row for "
+    if not rewards.index.equals(pd.RangeIndex(n_rows)) or not (
+            (rewards["prompt_id"].to_numpy() == keys["prompt_id"].to_numpy()).all()
+            and (rewards["sample_idx"].to_numpy() == keys["sample_idx"].to_numpy()).all()):
+        raise SelfplayError(f"round {ctx.round} score: the shard parts do not cover the {n_rows} generations row for "
                             "row; delete shards/score in the round directory and score again")
-    df["reward"] = rewards["reward"].to_numpy()
-    (ctx.out / "scores").mkdir()
-    df.to_parquet(ctx.out / "scores" / "part-00000.parquet", index=False)
-    ctx.stats.update(responses=len(df), mean_reward=round(float(df["reward"].mean()), 4),
-                     std_reward=round(float(df["reward"].std(ddof=0)), 4))
+    del keys
+    reward = rewards["reward"].to_numpy()
+    out = ctx.out / "scores"
+    out.mkdir()
+    spans = tables.windows(n_rows, ctx.cfg.window_rows) or [(0, 0)]
+    for i, (lo, hi) in enumerate(spans):
+        frame = tables.read_rows(path, lo, hi)
+        frame["reward"] = reward[lo:hi]
+        atomic.write_parquet(out / f"part-{i:05d}.parquet", frame)
+    ctx.stats.update(responses=n_rows, mean_reward=round(float(reward.mean()), 4) if n_rows else None,
+                     std_reward=round(float(reward.std(ddof=0)), 4) if n_rows else None)

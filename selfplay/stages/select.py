@@ -1,7 +1,7 @@
 """select — rank the round's pairs by a metric and keep the top k (or a ratio) of the pool.
 
 Input:   round_XX/pairs.parquet (+ π_r for metric=real; + earlier rounds' selected.parquet with accumulate)
-Output:  round_XX/selected.parquet   pairs' columns + metric, score, rank (1 = kept first); for map also
+Output:  round_XX/selected.parquet   pairs' columns + metric, score, rank (1 = kept first), best first; for map also
          z_margin_explicit, z_abs_margin_implicit (z_margin_implicit when signed) and map_weight (z over the whole
          pool, so the score can be checked from the file alone); for real also real_similarity. Loads with
          `datasets.load_dataset("parquet", data_files=…)` and trains in TRL as-is (conversational columns).
@@ -15,18 +15,25 @@ Metrics: map       z(Δex) − w·z(|Δim|)  (alignment potential, arXiv 2503.01
          real      −cos(e_chosen, e_rejected): least similar responses first (REAL, arXiv 2409.17169); e is the
                    mean over response tokens of the policy's last hidden layer, or of selection.real_encoder's
          random    a seeded permutation     all       every pair (score Δex, for the ranking only)
+Memory:  the pool is ranked on its narrow columns; the kept pairs' text is streamed into place window by window
+         (`window_rows`), except for metric=real, which embeds the whole pool's text.
 Alone:   selfplay stage select round=R
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from selfplay.backends.embeddings import pair_similarity
 from selfplay.config import round_seed
 from selfplay.core.selection import resolve_weight, select
+from selfplay.rundir import atomic, tables
 from selfplay.rundir.layout import round_name
 from selfplay.stages.margin import compute_margins
 
@@ -101,27 +108,80 @@ def accumulated(ctx) -> pd.DataFrame:
     return rescored.assign(prompt_id=earlier["prompt_id"].to_numpy())
 
 
+TEXT = tables.PAIR_TEXT  # read a window at a time; the rest is ranked in memory
+
+
 def run(ctx) -> None:
+    """Rank the pool on its narrow columns, then write the kept pairs best first, streaming their text."""
     sel = ctx.cfg.selection
-    pairs = ctx.read_parquet("pairs.parquet")
-    if sel.top_k is not None and sel.top_k > len(pairs):
+    path = ctx.path("pairs.parquet")
+    names = tables.column_names(path)
+    if sel.metric == "real":  # REAL embeds the responses: the one metric that reads the pool's text whole
+        pairs = tables.read_columns(path, names)
+        pairs["real_similarity"] = pair_similarity(pairs, ctx.cfg, ctx.policy_path(), ctx.device)
+        narrow = pairs.drop(columns=list(TEXT))
+        del pairs
+    else:
+        narrow = tables.read_columns(path, [c for c in names if c not in TEXT])
+    pool = len(narrow)
+    if sel.top_k is not None and sel.top_k > pool:
         # Ties (or dropped truncated pairs) left fewer pairs than asked for; a start-up check refuses a top_k
         # that no pool could meet.
         log.warning("round %d: selection.top_k=%d exceeds this round's pool of %d pairs (ties and truncated pairs are "
-                    "dropped); keeping all of them", ctx.round, sel.top_k, len(pairs))
-    selected = select_pool(pairs, ctx.cfg, round_seed(ctx.cfg.seed, ctx.round), ctx.policy_path(), ctx.device)
-    selected["round"] = ctx.round
-    kept_now = len(selected)
-    if sel.accumulate and ctx.round > 0:
-        selected = pd.concat([selected, accumulated(ctx)], ignore_index=True)
-    selected.to_parquet(ctx.out / "selected.parquet", index=False)
-    (ctx.out / "README.md").write_text(dataset_card(ctx, selected, len(pairs)))
-    now = selected.head(kept_now)
-    ctx.stats.update(pool=len(pairs), selected=kept_now, metric=sel.metric,
-                     short_of_top_k=max(sel.top_k - len(pairs), 0) if sel.top_k is not None else 0,
-                     mean_margin_explicit_selected=round(float(now["margin_explicit"].mean()), 4) if kept_now else None,
-                     mean_abs_margin_implicit_selected=round(float(now["margin_implicit"].abs().mean()), 4) if kept_now else None)
-    if sel.metric == "map" and len(pairs):
-        ctx.stats["map_weight"] = round(float(resolve_weight(pairs, sel.weight, sel.signed)), 4)
+                    "dropped); keeping all of them", ctx.round, sel.top_k, pool)
+    ranked = select_pool(narrow.assign(pool_row=np.arange(pool)), ctx.cfg, round_seed(ctx.cfg.seed, ctx.round))
+    ranked["round"] = ctx.round
+    columns = names + [c for c in ranked.columns if c not in names and c != "pool_row"]
+    earlier = accumulated(ctx) if sel.accumulate and ctx.round > 0 else None
+    write_ranked(path, ranked, ctx.out / "selected.parquet", columns, ctx.cfg.window_rows, earlier)
+    card = ranked if earlier is None else pd.concat([ranked, earlier[[c for c in ranked if c in earlier]]])
+    (ctx.out / "README.md").write_text(dataset_card(ctx, card, pool))
+    kept_now = len(ranked)
+    ctx.stats.update(pool=pool, selected=kept_now, metric=sel.metric,
+                     short_of_top_k=max(sel.top_k - pool, 0) if sel.top_k is not None else 0,
+                     mean_margin_explicit_selected=round(float(ranked["margin_explicit"].mean()), 4) if kept_now else None,
+                     mean_abs_margin_implicit_selected=round(float(ranked["margin_implicit"].abs().mean()), 4) if kept_now else None)
+    if sel.metric == "map" and pool:
+        ctx.stats["map_weight"] = round(float(resolve_weight(narrow, sel.weight, sel.signed)), 4)
     if sel.accumulate:
-        ctx.stats["training_pairs"] = len(selected)
+        ctx.stats["training_pairs"] = kept_now + (len(earlier) if earlier is not None else 0)
+
+
+def write_ranked(path: Path, ranked: pd.DataFrame, target: Path, columns: list[str], window_rows: int | None,
+                 earlier: pd.DataFrame | None) -> None:
+    """selected.parquet: the ranked pairs (narrow, with `pool_row`, their row in pairs.parquet) joined back to their
+    text, in rank order, then `earlier` (accumulated pairs, whole frames). Two streaming passes, so no more than a
+    window of text is held: the kept rows' text goes to bucket files by rank range, then each bucket is sorted."""
+    kept = len(ranked)
+    step = window_rows or max(kept, 1)
+    position = np.full(tables.count_rows(path), -1, dtype=np.int64)
+    position[ranked["pool_row"].to_numpy()] = np.arange(kept)
+    buckets = [atomic.temp_path(target.with_name(f"{target.name}.bucket-{b:05d}")) for b in range(-(-kept // step))]
+    writers: dict[int, pq.ParquetWriter] = {}
+    try:
+        for lo, hi, frame in tables.iter_windows(path, tables.windows(len(position), step), columns=list(TEXT)):
+            pos = position[lo:hi]
+            mine = pos >= 0
+            text = pa.Table.from_pandas(frame[mine].assign(rank_position=pos[mine]), preserve_index=False)
+            bucket_of = pos[mine] // step
+            for b in map(int, np.unique(bucket_of)):
+                part = text.filter(pa.array(bucket_of == b))
+                if b not in writers:
+                    writers[b] = pq.ParquetWriter(buckets[b], part.schema)
+                writers[b].write_table(part)
+        for writer in writers.values():
+            writer.close()
+        empty = ranked.drop(columns="pool_row").assign(**{c: pd.Series(dtype=object) for c in TEXT})[columns]
+        with tables.TableWriter(target, empty=empty) as out:
+            for b, bucket in enumerate(buckets):
+                text = pq.read_table(bucket).to_pandas().sort_values("rank_position")
+                rows = ranked.iloc[b * step:(b + 1) * step].drop(columns="pool_row").reset_index(drop=True)
+                out.write(rows.assign(**{c: text[c].to_numpy() for c in TEXT})[columns])
+                bucket.unlink()
+            if earlier is not None and len(earlier):
+                out.write(earlier.reindex(columns=columns))
+    finally:
+        for writer in writers.values():
+            writer.close()
+        for bucket in buckets:
+            bucket.unlink(missing_ok=True)

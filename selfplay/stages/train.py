@@ -41,7 +41,7 @@ from selfplay.backends.modeling import (
 from selfplay.backends.precision import train_bf16
 from selfplay.errors import NoPairsError, UnchangedPolicyError
 from selfplay.reports.tracking import trainer_report_to
-from selfplay.rundir import faults
+from selfplay.rundir import faults, tables
 from selfplay.rundir.checkpoints import last_trainer_checkpoint
 from selfplay.rundir.layout import round_name
 from selfplay.stages.base import StageContext
@@ -364,8 +364,8 @@ def changed_tensor(before: Path, after: Path) -> str | None:
 
 def run(ctx) -> None:
     cfg = ctx.cfg
-    selected = ctx.read_parquet("selected.parquet")
-    if selected.empty:
+    n_selected = tables.count_rows(ctx.path("selected.parquet"))
+    if n_selected == 0:
         raise NoPairsError(
             f"round {ctx.round}: no preference pairs to train on (every prompt's samples tied, see "
             f"{round_name(ctx.round)}/pair.done.json). Raise sampler.n or sampler.temperature, add prompts "
@@ -391,7 +391,7 @@ def run(ctx) -> None:
         raise UnchangedPolicyError(
             f"round {ctx.round} train: the trained policy equals π_{ctx.round} in every weight after "
             f"{stats['steps']} optimizer step(s) at trainer.learning_rate={cfg.trainer.learning_rate} "
-            f"(warm-up {warmup_steps(cfg, len(selected), stats['world_size'])} step(s)): nothing was learnt, so the "
+            f"(warm-up {warmup_steps(cfg, n_selected, stats['world_size'])} step(s)): nothing was learnt, so the "
             "stage fails instead of passing the same policy on. Raise trainer.learning_rate, or give the round more "
             "pairs (prompts.per_round, selection.ratio)")
     ctx.stats.update(stats, memory_estimate_gib=round(memory["total"], 3), first_changed_tensor=changed)

@@ -1,0 +1,122 @@
+"""The streaming table layer (selfplay/rundir/tables.py) and the stages' results through it: windows of whole prompts,
+reads that touch only their row groups, writes that are complete or absent, and pair/select giving the whole-table
+result whatever the window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from omegaconf import OmegaConf
+
+from selfplay.config import Config
+from selfplay.errors import InputError
+from selfplay.rundir import tables
+from selfplay.stages import pair, select
+
+
+def scores_frame(n_prompts: int = 23, n: int = 3, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = [{"prompt_id": f"p{i:04d}", "prompt": f"question {i}", "sample_idx": j, "response": f"answer {i}.{j}",
+             "reward": float(rng.integers(0, 4))} for i in range(n_prompts) for j in range(n)]
+    return pd.DataFrame(rows)
+
+
+def write_parts(frame: pd.DataFrame, directory, sizes: list[int]) -> None:
+    directory.mkdir()
+    start = 0
+    for i, size in enumerate(sizes):
+        frame.iloc[start:start + size].to_parquet(directory / f"part-{i:05d}.parquet", index=False, row_group_size=4)
+        start += size
+    assert start == len(frame)
+
+
+def test_windows_never_split_a_prompt_and_reads_cross_files_and_row_groups(tmp_path):
+    frame = scores_frame()
+    write_parts(frame, tmp_path / "scores", [10, 1, 30, 28])  # part and row-group edges mid-prompt
+    path = tmp_path / "scores"
+    assert tables.count_rows(path) == len(frame)
+    codes = tables.key_codes(path)
+    assert (codes == pd.factorize(frame["prompt_id"])[0]).all()  # one code per id, across files
+    for rows in (1, 4, 7, 100, None):
+        spans = tables.group_windows(codes, rows)
+        assert spans[0][0] == 0 and spans[-1][1] == len(frame)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+        for lo, hi, window in tables.iter_windows(path, spans):
+            pd.testing.assert_frame_equal(window, frame.iloc[lo:hi].reset_index(drop=True))
+            assert lo == 0 or frame["prompt_id"].iloc[lo] != frame["prompt_id"].iloc[lo - 1]
+    assert tables.read_rows(path, 9, 12, ["reward"])["reward"].tolist() == frame["reward"].iloc[9:12].tolist()
+    assert tables.read_rows(path, 5, 5).columns.tolist() == frame.columns.tolist()
+
+
+def test_a_prompt_whose_rows_are_apart_is_refused_naming_the_file(tmp_path):
+    frame = scores_frame(4, 2)
+    frame.iloc[[1, 2]] = frame.iloc[[2, 1]].to_numpy()
+    frame.to_parquet(tmp_path / "scores.parquet", index=False)
+    with pytest.raises(InputError, match="scores.parquet: the rows of one prompt_id are not adjacent"):
+        tables.check_contiguous(tables.key_codes(tmp_path / "scores.parquet"), tmp_path / "scores.parquet")
+
+
+def test_table_writer_publishes_whole_tables_only(tmp_path):
+    target = tmp_path / "out.parquet"
+    with pytest.raises(RuntimeError), tables.TableWriter(target) as out:
+        out.write(pd.DataFrame({"a": [1, 2]}))
+        raise RuntimeError("killed mid-table")
+    assert not target.exists() and not list(tmp_path.iterdir())  # no output, no temp file
+    with tables.TableWriter(target, empty=pd.DataFrame({"a": pd.Series(dtype="int64")})) as out:
+        out.write(pd.DataFrame({"a": pd.Series(dtype="int64")}))
+    assert pd.read_parquet(target).columns.tolist() == ["a"] and len(pd.read_parquet(target)) == 0
+    with tables.TableWriter(target) as out:
+        for lo in range(0, 40_000, 10_000):
+            out.write(pd.DataFrame({"a": np.arange(lo, lo + 10_000)}))
+    meta = pq.ParquetFile(target).metadata
+    assert meta.num_rows == 40_000 and max(meta.row_group(g).num_rows for g in range(meta.num_row_groups)) <= tables.ROW_GROUP_ROWS
+    assert pd.read_parquet(target)["a"].tolist() == list(range(40_000))
+
+
+class FakeCtx:
+    """Stands in for StageContext in these unit tests of pair.run and select.run: a config, paths and stats."""
+
+    def __init__(self, cfg, rdir, out):
+        self.cfg, self.round, self.out, self.stats, self._rdir = cfg, 0, out, {}, rdir
+
+    def path(self, name, r=None):
+        return self._rdir / name
+
+    def policy_path(self, r=None):
+        return None
+
+    device = None
+
+
+@pytest.mark.parametrize("strategy", ["all", "best_worst", "best_random"])
+@pytest.mark.parametrize("metric", ["map", "random", "explicit"])
+def test_pair_and_select_give_the_whole_table_result_for_any_window(tmp_path, strategy, metric):
+    frame = scores_frame(41, 4)
+    results = {}
+    for rows in (None, 5, 9):
+        rdir = tmp_path / f"w{rows}"
+        rdir.mkdir()
+        write_parts(frame, rdir / "scores", [50, 60, 54])
+        cfg = OmegaConf.structured(Config)
+        cfg.window_rows, cfg.pair.strategy, cfg.selection.metric, cfg.selection.ratio = rows, strategy, metric, 0.3
+        ctx = FakeCtx(cfg, rdir, rdir)
+        pair.run(ctx)
+        pairs = pd.read_parquet(rdir / "candidate_pairs.parquet")
+        # margin's columns, made up here: select reads only the table
+        pairs["margin_implicit"] = np.sin(np.arange(len(pairs)))
+        pairs.to_parquet(rdir / "pairs.parquet", index=False, row_group_size=7)
+        select.run(ctx)
+        results[rows] = (pairs, pd.read_parquet(rdir / "selected.parquet"), dict(ctx.stats))
+    whole_pairs, whole_selected, whole_stats = results[None]
+    assert len(whole_selected) == int(np.ceil(0.3 * len(whole_pairs))) > 0
+    assert whole_selected["rank"].tolist() == list(range(1, len(whole_selected) + 1))
+    for rows in (5, 9):
+        pd.testing.assert_frame_equal(results[rows][0], whole_pairs, check_exact=True)
+        pd.testing.assert_frame_equal(results[rows][1], whole_selected, check_exact=True)
+        assert results[rows][2] == whole_stats
+    # The text came back with its own pair: chosen's text is the chosen sample's response.
+    by_key = frame.set_index(["prompt_id", "sample_idx"])["response"]
+    assert all(row["chosen"][0]["content"] == by_key[(row["prompt_id"], row["chosen_sample_idx"])]
+               for _, row in whole_selected.iterrows())
