@@ -427,7 +427,8 @@ def main() -> None:
             f"One round of prompts → {STAND_IN} → score → pair → margin → select, each stage its own "
             f"`selfplay stage <name> round=0` process; n = {args.n} responses of {args.min_words}–{args.max_words} "
             "words (= tokens) per prompt from the bench's generation stand-in (no model samples them); a tiny random "
-            "policy (hidden 16, 1 layer) over a 2,007-token word-level vocabulary; reward "
+            f"policy (hidden 16, 1 layer) over a {VOCAB_WORDS + len(SPECIALS) + len(ROLES):,}-token word-level "
+            "vocabulary; reward "
             "`rewards_for_bench:words_and_hash`; selection.ratio 0.5. Seconds are the manifests' stage seconds; "
             "peak RSS is each process's (wait4). Ratios: largest size vs smallest.", "",
             text, *final, ""]))

@@ -114,9 +114,13 @@ class FakeCtx:
 
 @pytest.mark.parametrize("strategy", ["all", "best_worst", "best_random"])
 @pytest.mark.parametrize("metric", ["map", "random", "explicit"])
-def test_pair_and_select_give_the_whole_table_result_for_any_window(tmp_path, strategy, metric):
+def test_pair_and_select_give_the_whole_table_result_for_any_window(tmp_path, monkeypatch, strategy, metric):
     frame = scores_frame(41, 4)
     results = {}
+    read_whole = []  # spy on what select reads of the whole pool: only the ranking columns, never text
+    real_read_columns = tables.read_columns
+    monkeypatch.setattr(tables, "read_columns", lambda path, columns: read_whole.append(list(columns))
+                        or real_read_columns(path, columns))
     for rows in (None, 5, 9):
         rdir = tmp_path / f"w{rows}"
         rdir.mkdir()
@@ -129,7 +133,9 @@ def test_pair_and_select_give_the_whole_table_result_for_any_window(tmp_path, st
         # margin's columns, made up here: select reads only the table
         pairs["margin_implicit"] = np.sin(np.arange(len(pairs)))
         pairs.to_parquet(rdir / "pairs.parquet", index=False, row_group_size=7)
+        read_whole.clear()
         select.run(ctx)
+        assert read_whole == [list(select.RANK_COLUMNS)]
         results[rows] = (pairs, pd.read_parquet(rdir / "selected.parquet"), dict(ctx.stats))
     whole_pairs, whole_selected, whole_stats = results[None]
     assert len(whole_selected) == int(np.ceil(0.3 * len(whole_pairs))) > 0
@@ -138,6 +144,13 @@ def test_pair_and_select_give_the_whole_table_result_for_any_window(tmp_path, st
         pd.testing.assert_frame_equal(results[rows][0], whole_pairs, check_exact=True)
         pd.testing.assert_frame_equal(results[rows][1], whole_selected, check_exact=True)
         assert results[rows][2] == whole_stats
+    # Every column of the pool came back with its own pair, in the pool's types.
+    key = ["prompt_id", "chosen_sample_idx", "rejected_sample_idx"]
+    joined = whole_selected[list(whole_pairs.columns)].merge(whole_pairs, on=key, suffixes=("", "_pool"))
+    assert len(joined) == len(whole_selected)
+    for c in whole_pairs.columns.difference(key):
+        assert joined[c].tolist() == joined[f"{c}_pool"].tolist(), c
+    assert (whole_selected.dtypes[whole_pairs.columns] == whole_pairs.dtypes).all()
     # The text came back with its own pair: chosen's text is the chosen sample's response.
     by_key = frame.set_index(["prompt_id", "sample_idx"])["response"]
     assert all(row["chosen"][0]["content"] == by_key[(row["prompt_id"], row["chosen_sample_idx"])]

@@ -15,8 +15,9 @@ Metrics: map       z(Δex) − w·z(|Δim|)  (alignment potential, arXiv 2503.01
          real      −cos(e_chosen, e_rejected): least similar responses first (REAL, arXiv 2409.17169); e is the
                    mean over response tokens of the policy's last hidden layer, or of selection.real_encoder's
          random    a seeded permutation     all       every pair (score Δex, for the ranking only)
-Memory:  the pool is ranked on its narrow columns; the kept pairs' text is streamed into place window by window
-         (`window_rows`), except for metric=real, which embeds the whole pool's text.
+Memory:  the pool is ranked on RANK_COLUMNS (ids, sample indices, Δex, Δim); the kept pairs' other columns, text
+         included, are streamed into place window by window (`window_rows`), except for metric=real, which embeds
+         the whole pool's text.
 Alone:   selfplay stage select round=R
 """
 
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 
 from selfplay.backends.embeddings import pair_similarity
 from selfplay.config import round_seed
-from selfplay.core.selection import resolve_weight, select
+from selfplay.core.selection import PAIR_KEY, resolve_weight, select
 from selfplay.rundir import atomic, tables
 from selfplay.rundir.layout import round_name
 from selfplay.stages.margin import compute_margins
@@ -108,21 +109,25 @@ def accumulated(ctx) -> pd.DataFrame:
     return rescored.assign(prompt_id=earlier["prompt_id"].to_numpy())
 
 
-TEXT = tables.PAIR_TEXT  # read a window at a time; the rest is ranked in memory
+TEXT = tables.PAIR_TEXT  # read a window at a time
+# What ranking reads of the whole pool (the pool's order, the two margins); every other column, text or narrow,
+# travels with the text a window at a time (write_ranked), so a round's pool costs ~40 bytes a pair here.
+RANK_COLUMNS = (*PAIR_KEY, "margin_explicit", "margin_implicit")
 
 
 def run(ctx) -> None:
-    """Rank the pool on its narrow columns, then write the kept pairs best first, streaming their text."""
+    """Rank the pool on the columns ranking needs, then write the kept pairs best first, streaming the rest."""
     sel = ctx.cfg.selection
     path = ctx.path("pairs.parquet")
     names = tables.column_names(path)
+    rank_columns = [c for c in RANK_COLUMNS if c in names]
     if sel.metric == "real":  # REAL embeds the responses: the one metric that reads the pool's text whole
         pairs = tables.read_columns(path, names)
-        pairs["real_similarity"] = pair_similarity(pairs, ctx.cfg, ctx.policy_path(), ctx.device)
-        narrow = pairs.drop(columns=list(TEXT))
+        narrow = pairs[rank_columns].assign(
+            real_similarity=pair_similarity(pairs, ctx.cfg, ctx.policy_path(), ctx.device))
         del pairs
     else:
-        narrow = tables.read_columns(path, [c for c in names if c not in TEXT])
+        narrow = tables.read_columns(path, rank_columns)
     pool = len(narrow)
     if sel.top_k is not None and sel.top_k > pool:
         # Ties (or dropped truncated pairs) left fewer pairs than asked for; a start-up check refuses a top_k
@@ -149,34 +154,38 @@ def run(ctx) -> None:
 
 def write_ranked(path: Path, ranked: pd.DataFrame, target: Path, columns: list[str], window_rows: int | None,
                  earlier: pd.DataFrame | None) -> None:
-    """selected.parquet: the ranked pairs (narrow, with `pool_row`, their row in pairs.parquet) joined back to their
-    text, in rank order, then `earlier` (accumulated pairs, whole frames). Two streaming passes, so no more than a
-    window of text is held: the kept rows' text goes to bucket files by rank range, then each bucket is sorted."""
+    """selected.parquet: the ranked pairs (with `pool_row`, their row in pairs.parquet) joined back to the pool's
+    other columns (text included), in rank order, then `earlier` (accumulated pairs, whole frames). Two streaming
+    passes, so no more than a window of the pool is held: the kept rows go to bucket files by rank range, then each
+    bucket is sorted."""
     kept = len(ranked)
     step = window_rows or max(kept, 1)
+    carried = [c for c in tables.column_names(path) if c not in ranked.columns]
     position = np.full(tables.count_rows(path), -1, dtype=np.int64)
     position[ranked["pool_row"].to_numpy()] = np.arange(kept)
     buckets = [atomic.temp_path(target.with_name(f"{target.name}.bucket-{b:05d}")) for b in range(-(-kept // step))]
     writers: dict[int, pq.ParquetWriter] = {}
     try:
-        for lo, hi, frame in tables.iter_windows(path, tables.windows(len(position), step), columns=list(TEXT)):
+        for lo, hi, frame in tables.iter_windows(path, tables.windows(len(position), step), columns=carried):
             pos = position[lo:hi]
             mine = pos >= 0
-            text = pa.Table.from_pandas(frame[mine].assign(rank_position=pos[mine]), preserve_index=False)
+            rows = pa.Table.from_pandas(frame[mine].assign(rank_position=pos[mine]), preserve_index=False)
             bucket_of = pos[mine] // step
             for b in map(int, np.unique(bucket_of)):
-                part = text.filter(pa.array(bucket_of == b))
+                part = rows.filter(pa.array(bucket_of == b))
                 if b not in writers:
                     writers[b] = pq.ParquetWriter(buckets[b], part.schema)
                 writers[b].write_table(part)
         for writer in writers.values():
             writer.close()
-        empty = ranked.drop(columns="pool_row").assign(**{c: pd.Series(dtype=object) for c in TEXT})[columns]
-        with tables.TableWriter(target, empty=empty) as out:
+        ranked = ranked.drop(columns="pool_row")
+        # An empty pool still gets every column, each of its pairs.parquet type.
+        empty = pd.concat([ranked.iloc[:0].reset_index(drop=True), tables.read_rows(path, 0, 0, carried)], axis=1)
+        with tables.TableWriter(target, empty=empty[columns]) as out:
             for b, bucket in enumerate(buckets):
-                text = pq.read_table(bucket).to_pandas().sort_values("rank_position")
-                rows = ranked.iloc[b * step:(b + 1) * step].drop(columns="pool_row").reset_index(drop=True)
-                out.write(rows.assign(**{c: text[c].to_numpy() for c in TEXT})[columns])
+                pool = pq.read_table(bucket).to_pandas().sort_values("rank_position")
+                rows = ranked.iloc[b * step:(b + 1) * step].reset_index(drop=True)
+                out.write(rows.assign(**{c: pool[c].to_numpy() for c in carried})[columns])
                 bucket.unlink()
             if earlier is not None and len(earlier):
                 out.write(earlier.reindex(columns=columns))
