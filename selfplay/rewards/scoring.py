@@ -94,14 +94,12 @@ def function_scorer(spec: str, chunk: int = 512) -> Scorer:
             raise InputError(f"reward function {spec} needs the column(s) {absent}, which the rows do not have "
                              f"(columns: {sorted(c for c in frame.columns if c not in RESERVED)}); give them in the "
                              "prompt file, or choose a reward function that needs only prompts and completions")
-        lo, hi = 0, len(frame)
         values: list[np.ndarray] = []
-        for start in tqdm(range(lo, hi, chunk), desc=desc, unit="chunk", dynamic_ncols=True):
-            part = frame.iloc[start : min(start + chunk, hi)]
+        for start in tqdm(range(0, len(frame), chunk), desc=desc, unit="chunk", dynamic_ncols=True):
+            part = frame.iloc[start : start + chunk]
             kwargs = {c: list(part[c]) for c in extra}
             values.append(call_reward_function(fn, spec, part, start, kwargs))
-        rows = np.arange(lo, hi)
-        return pd.Series(np.concatenate(values) if values else np.empty(0), index=rows)
+        return pd.Series(np.concatenate(values) if values else np.empty(0), index=np.arange(len(frame)))
 
     return score
 

@@ -13,7 +13,6 @@ text columns (prompt, response, chosen, rejected) are only ever read a window at
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -150,13 +149,13 @@ def check_contiguous(codes: np.ndarray, path: Path, what: str = "prompt_id") -> 
 
 
 class TableWriter:
-    """Writes a parquet table window by window: each `write(frame)` appends row groups to a hidden temp file; `close`
-    renames it over `path`. The first frame fixes the schema (later ones are cast to it). Leaving the `with` block
-    by an exception removes the temp file, so the output is complete or absent."""
+    """Writes a parquet table window by window: each `write(frame)` appends row groups to a hidden temp file, which
+    leaving the `with` block renames over `path` (atomic.replacing). The first frame fixes the schema (later ones
+    are cast to it). Leaving by an exception removes the temp file, so the output is complete or absent."""
 
     def __init__(self, path: Path, empty: pd.DataFrame | None = None):
         self.path, self.empty, self.rows = path, empty, 0
-        self._tmp = atomic.temp_path(path)
+        self._replacing = atomic.replacing(path)
         self._writer: pq.ParquetWriter | None = None
 
     def write(self, frame: pd.DataFrame) -> None:
@@ -172,19 +171,16 @@ class TableWriter:
         self.rows += len(frame)
 
     def __enter__(self) -> TableWriter:
+        self._tmp = self._replacing.__enter__()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            if self._writer is None:  # nothing written: the empty frame, so the columns are still there
-                empty = self.empty if self.empty is not None else pd.DataFrame()
-                self._writer = pq.ParquetWriter(self._tmp, pa.Table.from_pandas(empty, preserve_index=False).schema)
+        if exc_type is None and self._writer is None:  # nothing written: the empty frame, so the columns are there
+            empty = self.empty if self.empty is not None else pd.DataFrame()
+            self._writer = pq.ParquetWriter(self._tmp, pa.Table.from_pandas(empty, preserve_index=False).schema)
+        if self._writer is not None:
             self._writer.close()
-            os.replace(self._tmp, self.path)
-        else:
-            if self._writer is not None:
-                self._writer.close()
-            self._tmp.unlink(missing_ok=True)
+        self._replacing.__exit__(exc_type, exc, tb)
 
 
 def write_frames(path: Path, frames: pd.DataFrame | Iterable[pd.DataFrame]) -> int:
