@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -9,7 +10,9 @@ import pytest
 from conftest import run_cli, tiny_overrides
 from safetensors.torch import load_file
 
+from selfplay.errors import SelfplayError
 from selfplay.rundir import manifest as mf
+from selfplay.rundir import shards
 from selfplay.rundir.shards import read_shard_manifests, shard_span
 from selfplay.runner import pipeline
 from selfplay.runner.slurm import compose
@@ -94,3 +97,44 @@ def test_shards_refuse_a_second_shard_count_and_a_changed_config(tmp_path, tiny_
     assert half.returncode == 2 and "shard: must be in [0, num_shards=2)" in half.stderr
     # The untouched shard 0 is still the one on disk, its manifest unchanged.
     assert mf.read_json(run_dir / "round_00" / "shards" / "generate" / "part-00000-of-00002.done.json")["shard"] == 0
+
+
+def rewrite_part(round_dir: Path, stage: str, shard: int, num_shards: int, frame: pd.DataFrame) -> None:
+    """Replace a shard's part and restamp its manifest: a part that passes every file check but whose rows are not
+    the stage's (as if copied in from another run)."""
+    part = shards.part_path(round_dir, stage, shard, num_shards)
+    frame.to_parquet(part, index=False)
+    done = part.with_name(part.name.replace(".parquet", ".done.json"))
+    manifest = mf.read_json(done)
+    manifest["outputs"] = mf.checksum_outputs(part.parent, [part.name])
+    done.write_text(json.dumps(manifest))
+
+
+def test_a_shard_part_that_does_not_line_up_with_its_input_is_refused(tmp_path, tiny_policy):
+    # The merges check the parts row for row (score: each row's prompt_id and sample_idx; margin: every response
+    # once), on arrow columns rather than a Python object per row.
+    overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "tampered"), "rounds=1", "window_rows=4"]
+    run_dir = tmp_path / "tampered"
+    rdir = run_dir / "round_00"
+    cfg = compose(overrides)
+    for name in ("prompts", "generate"):
+        pipeline.run_stage(cfg, run_dir, name, 0)
+    for i in range(2):
+        pipeline.run_stage(cfg, run_dir, "score", 0, set(), i, 2)
+    scores = pd.read_parquet(shards.part_path(rdir, "score", 1, 2))
+    scores.loc[len(scores) - 1, "prompt_id"] = "a-prompt-of-another-round"
+    rewrite_part(rdir, "score", 1, 2, scores)
+    with pytest.raises(SelfplayError, match="score: the shard parts do not cover"):
+        pipeline.run_stage(cfg, run_dir, "score", 0)
+    assert not (rdir / "scores").exists()
+
+    shards.remove_shards(rdir, "score")
+    for name in ("score", "pair"):
+        pipeline.run_stage(cfg, run_dir, name, 0)
+    for i in range(2):
+        pipeline.run_stage(cfg, run_dir, "margin", 0, set(), i, 2)
+    margins = pd.read_parquet(shards.part_path(rdir, "margin", 0, 2))
+    rewrite_part(rdir, "margin", 0, 2, margins.iloc[1:])  # one response missing
+    with pytest.raises(SelfplayError, match="margin: the shard parts do not cover"):
+        pipeline.run_stage(cfg, run_dir, "margin", 0)
+    assert not (rdir / "pairs.parquet").exists()

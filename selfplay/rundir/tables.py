@@ -13,6 +13,9 @@ text columns (prompt, response, chosen, rejected) are only ever read a window at
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -193,12 +196,33 @@ def write_frames(path: Path, frames: pd.DataFrame | Iterable[pd.DataFrame]) -> i
 
 def iter_windows(path: Path, bounds: list[tuple[int, int]], columns: Sequence[str] | None = None
                  ) -> Iterator[tuple[int, int, pd.DataFrame]]:
-    """(lo, hi, rows [lo, hi)) of each window, in order (the files' metadata is read once)."""
+    """(lo, hi, rows [lo, hi)) of each window, in order (the files' metadata is read once). Between windows the
+    heap's freed pages go back to the system (release_freed_memory)."""
     if not bounds:
         return
     groups = _Groups(path)
     try:
-        for lo, hi in bounds:
+        for k, (lo, hi) in enumerate(bounds):
+            if k:
+                release_freed_memory()
             yield lo, hi, groups.read(lo, hi, columns)
     finally:
         groups.close()
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): their allocators return memory themselves
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim). A window's work frees millions of small
+    allocations (tokenised rows, Python strings, arrow buffers) between a few that live on, and glibc only returns
+    the top of its heap by itself, so without this a stage's resident memory crept up window after window: by
+    ~45 MB a window over the first 10 windows of 16,384 pairs of margin tokenisation, flat after 2 with it."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -17,10 +17,14 @@ Alone:   selfplay stage margin round=R [shard=i num_shards=n]   (see selfplay/ru
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from selfplay.backends.batching import token_budget_batches
 from selfplay.backends.chat import template_sha256, token_format, training_tokens
@@ -102,9 +106,10 @@ def response_windows(path: Path, rows: int | None) -> tuple[list[tuple[int, int]
     return spans, np.r_[0, np.cumsum(counts, dtype=np.int64)]
 
 
-def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
+def compute(ctx, shard: int, num_shards: int) -> Iterator[pd.DataFrame]:
     """Log-prob sums of this shard's windows' responses under π_r (model "policy") and the reference model, if any,
-    keyed by the response's number in the round (a shard takes whole windows: selfplay/rundir/shards.py)."""
+    keyed by the response's number in the round (a shard takes whole windows: selfplay/rundir/shards.py). Yields
+    them window by window, as the part file takes them, so nothing of earlier windows stays in memory."""
     cfg = ctx.cfg
     path = ctx.path("candidate_pairs.parquet")
     spans, offsets = response_windows(path, cfg.window_rows)
@@ -112,18 +117,18 @@ def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
     label = f"round {ctx.round} margin" + (f" {shard}/{num_shards}" if num_shards > 1 else "")
     models = [("policy", ctx.policy_path())] + ([("reference", resolve_model_path(cfg.model.reference))]
                                                 if cfg.model.reference else [])
-    parts = [pd.DataFrame({"row": pd.Series(dtype="int64"), "logp_sum": pd.Series(dtype="float64"),
-                           "n_tokens": pd.Series(dtype="int64"), "model": pd.Series(dtype=object)})]
+    yield pd.DataFrame({"row": pd.Series(dtype="int64"), "logp_sum": pd.Series(dtype="float64"),
+                        "n_tokens": pd.Series(dtype="int64"), "model": pd.Series(dtype=object)})
     for name, model_path in models:
         with LogpScorer(model_path, cfg, ctx.device) as scorer:
             for w, (_, _, pairs) in enumerate(tables.iter_windows(path, spans[lo:hi]), start=lo):
                 desc = (label if name == "policy" else f"round {ctx.round} reference") + (
                     f" window {w + 1}/{len(spans)}" if len(spans) > 1 else "")
                 values = scorer(unique_responses(pairs), desc)
-                parts.append(values.assign(row=values["row"] + offsets[w], model=name))
+                del pairs
+                yield values.assign(row=values["row"] + offsets[w], model=name)
         if name == "policy":
             ctx.stats.update(chat_template_sha256=scorer.template)
-    return pd.concat(parts, ignore_index=True)
 
 
 def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
@@ -131,16 +136,19 @@ def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
     cfg = ctx.cfg
     path = ctx.path("candidate_pairs.parquet")
     spans, offsets = response_windows(path, cfg.window_rows)
-    values = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    # Arrow, not pandas: no Python string per response (an empty part's model column is typed null: promote it).
+    values = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
     columns = {}
     for model, prefix in (("policy", ""), ("reference", "ref_")) if cfg.model.reference else (("policy", ""),):
-        mine = values[values["model"] == model].set_index("row").sort_index()
-        if not mine.index.equals(pd.RangeIndex(int(offsets[-1]))):
+        mine = values.filter(pc.equal(values["model"], model))
+        mine = mine.take(pc.sort_indices(mine["row"]))
+        if not np.array_equal(mine["row"].to_numpy(), np.arange(int(offsets[-1]))):
             raise SelfplayError(f"round {ctx.round} margin: the shard parts do not cover the {int(offsets[-1])} "
                                 f"responses ({model}); delete shards/margin in the round directory and run it again")
         columns[f"{prefix}logp_sum"] = mine["logp_sum"].to_numpy()
         if model == "policy":
             columns["n_tokens"] = mine["n_tokens"].to_numpy()
+        del mine
     del values
     kept = dropped = agree = 0
     margin_sum = 0.0

@@ -11,9 +11,14 @@ Alone:   selfplay stage score round=R [shard=i num_shards=n]   (see selfplay/run
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from selfplay.errors import SelfplayError
 from selfplay.rewards.scoring import scorer_session
@@ -35,35 +40,36 @@ def requires(r: int, cfg=None) -> list[tuple[int, str]]:
     return [(r, "generate")]
 
 
-def compute(ctx, shard: int, num_shards: int) -> pd.DataFrame:
+def compute(ctx, shard: int, num_shards: int) -> Iterator[pd.DataFrame]:
     """Rewards of this shard's windows of the generations (`window_rows` rows each, scored one at a time in the
-    backend's batches), keyed by row of the generations."""
+    backend's batches), keyed by row of the generations; yielded window by window, as the part file takes them."""
     path = ctx.path("generations")
     spans = tables.windows(tables.count_rows(path), ctx.cfg.window_rows)
     lo, hi = shard_span(len(spans), 1, shard, num_shards)
     label = f"round {ctx.round} score" + (f" {shard}/{num_shards}" if num_shards > 1 else "")
-    parts = [pd.DataFrame({"row": pd.Series(dtype="int64"), "prompt_id": pd.Series(dtype=object),
-                           "sample_idx": pd.Series(dtype="int64"), "reward": pd.Series(dtype="float64")})]
+    yield pd.DataFrame({"row": pd.Series(dtype="int64"), "prompt_id": pd.Series(dtype=object),
+                        "sample_idx": pd.Series(dtype="int64"), "reward": pd.Series(dtype="float64")})
     with scorer_session(ctx.cfg, ctx.device) as scorer:
         for w, (start, _, frame) in enumerate(tables.iter_windows(path, spans[lo:hi]), start=lo):
             rewards = scorer(frame, desc=label + (f" window {w + 1}/{len(spans)}" if len(spans) > 1 else ""))
             rows = rewards.index.to_numpy()
-            parts.append(pd.DataFrame({"row": rows + start, "prompt_id": frame["prompt_id"].to_numpy()[rows],
-                                       "sample_idx": frame["sample_idx"].to_numpy()[rows],
-                                       "reward": rewards.to_numpy()}))
-    return pd.concat(parts, ignore_index=True)
+            yield pd.DataFrame({"row": rows + start, "prompt_id": frame["prompt_id"].to_numpy()[rows],
+                                "sample_idx": frame["sample_idx"].to_numpy()[rows], "reward": rewards.to_numpy()})
 
 
 def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
     """scores/ is generations' rows window by window, each with its reward (one part file per window)."""
     path = ctx.path("generations")
     n_rows = tables.count_rows(path)
-    rewards = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True).set_index("row").sort_index()
-    keys = tables.read_columns(path, ["prompt_id", "sample_idx"])
+    # Arrow, not pandas: the ids compare as arrow strings, without a Python string per row.
+    rewards = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
+    rewards = rewards.take(pc.sort_indices(rewards["row"]))
+    keys = pa.concat_tables([pq.read_table(f, columns=["prompt_id", "sample_idx"]) for f in tables.table_files(path)])
     # Every row scored exactly once, by the row it claims (a part from other generations would not line up).
-    if not rewards.index.equals(pd.RangeIndex(n_rows)) or not (
-            (rewards["prompt_id"].to_numpy() == keys["prompt_id"].to_numpy()).all()
-            and (rewards["sample_idx"].to_numpy() == keys["sample_idx"].to_numpy()).all()):
+    lined_up = (np.array_equal(rewards["row"].to_numpy(), np.arange(n_rows))
+                and rewards["prompt_id"].cast(pa.large_string()).equals(keys["prompt_id"].cast(pa.large_string()))
+                and np.array_equal(rewards["sample_idx"].to_numpy(), keys["sample_idx"].to_numpy()))
+    if not lined_up:
         raise SelfplayError(f"round {ctx.round} score: the shard parts do not cover the {n_rows} generations row for "
                             "row; delete shards/score in the round directory and score again")
     del keys
