@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# A private single-node SLURM cluster (Debian 12, Slurm 22.05) for tests, run as root.
-#   scripts/slurm_cluster.sh install     apt-get the packages (no-op when already installed)
-#   scripts/slurm_cluster.sh start DIR   munged + MariaDB + slurmdbd + slurmctld + slurmd, all state under DIR
-#   scripts/slurm_cluster.sh stop DIR    stop every daemon that `start DIR` began
+# A private SLURM cluster (Debian 12, Slurm 22.05) for tests, run as root: one node, or several inside this machine.
+#   scripts/slurm_cluster.sh install            apt-get the packages (no-op when already installed)
+#   scripts/slurm_cluster.sh start DIR [NODES]  munged + MariaDB + slurmdbd + slurmctld + one slurmd per node, all
+#                                               state under DIR
+#   scripts/slurm_cluster.sh stop DIR           stop every daemon and node that `start DIR` began
 # Clients: `. DIR/env.sh` (sets SLURM_CONF), then sbatch/squeue/sacct as usual.
 # Every port is picked free at start and every socket/pid/log/state path lives under DIR (munge's in a /tmp dir
 # linked from DIR/munge/dir), so two clusters (or a system-wide Slurm/MariaDB/munge) can run side by side.
+#
+# NODES=1 (default): the node is this machine (its host name, 127.0.0.1). NODES>=2: node i is `n<i>`, a network
+# namespace with its own address on a private bridge (10.A.B.1 is the controller, 10.A.B.1<i> node i; the subnet is
+# one this machine does not use), its own host name (UTS namespace) and an /etc/hosts that names every node (bind-
+# mounted in its own mount namespace), running its own slurmd. Each node sees all of this machine's CPUs and memory,
+# and the file system is shared, as on a cluster with a shared home. Nodes talk to each other and to slurmctld over
+# the bridge only; DIR/nodes.txt lists "name address netns" per node.
 set -euo pipefail
 # Daemons and admin tools live in /usr/sbin, which a non-login shell's PATH may lack.
 export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH:-}"
@@ -77,23 +85,85 @@ wait_for() {
   done
 }
 
-node_idle() { [ "$(sinfo -h -N -o %t 2>/dev/null)" = idle ]; }
+nodes_idle() { [ "$(sinfo -h -N -o %t 2>/dev/null | sort -u)" = idle ]; }
 no_jobs() { [ -z "$(squeue -h -t R,CG,S 2>/dev/null)" ]; }
 
+# A 10.A.B.0/24 subnet that no interface of this machine is in (sets the variable named $1 to "10.A.B").
+free_subnet() {
+  local used candidate _
+  used=$(ip -4 -o addr show | awk '{print $4}')
+  for _ in $(seq 200); do
+    candidate="10.$((64 + RANDOM % 128)).$((RANDOM % 256))"
+    grep -q "^$candidate\." <<<"$used" && continue
+    printf -v "$1" %s "$candidate"
+    return 0
+  done
+  die "no free 10.x.y.0/24 subnet found"
+}
+
+# Nodes 1..$2 of cluster DIR=$1: the bridge (controller side), then per node a netns joined by a veth pair, and the
+# hosts file every node sees. Names carry a per-cluster id so that two clusters never share a bridge or namespace.
+start_network() {
+  local dir=$1 nodes=$2 id net i ns
+  id=$(head -c 3 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  free_subnet net
+  echo "$id $net" >"$dir/network"
+  ip link add "spb$id" type bridge
+  ip addr add "$net.1/24" dev "spb$id"
+  ip link set "spb$id" up
+  printf '127.0.0.1 localhost\n%s.1 %s\n' "$net" "$(hostname -s)" >"$dir/hosts"
+  : >"$dir/nodes.txt"
+  for i in $(seq "$nodes"); do
+    ns="sp${id}n$i"
+    ip netns add "$ns"
+    ip link add "sp${id}v$i" type veth peer name eth0 netns "$ns"
+    ip link set "sp${id}v$i" master "spb$id" up
+    ip -n "$ns" addr add "$net.1$i/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" route add default via "$net.1"
+    printf '%s.1%s n%s\n' "$net" "$i" "$i" >>"$dir/hosts"
+    echo "n$i $net.1$i $ns" >>"$dir/nodes.txt"
+  done
+}
+
+# slurmd of node $2 (its netns $3) under cluster DIR=$1: entered with nsenter, not `ip netns exec`, which remounts
+# /sys and leaves slurmd without the cgroup file system it probes at start.
+start_node_slurmd() {
+  local dir=$1 name=$2 ns=$3
+  mkdir -p "$dir/spool/$name"
+  nsenter --net="/run/netns/$ns" unshare --uts --mount sh -c \
+    "hostname $name && mount --bind '$dir/hosts' /etc/hosts && exec slurmd -N $name"
+}
+
 cmd_start() {
-  local dir=${1:?usage: start DIR}
+  local dir=${1:?usage: start DIR [NODES]} nodes=${2:-1}
   [ "$(id -u)" = 0 ] || die "start needs root"
   installed || die "not installed: run '$0 install'"
+  [[ "$nodes" =~ ^[1-9][0-9]?$ ]] || die "NODES must be 1..99, not '$nodes'"
   mkdir -p "$dir"
   dir=$(cd "$dir" && pwd)
   [ ! -e "$dir/slurm.conf" ] || die "$dir already holds a cluster (stop it and use a fresh DIR)"
-  local t0=$SECONDS host mem_mb cpus db_port dbd_port ctld_port slurmd_port
+  local t0=$SECONDS host mem_mb cpus db_port dbd_port ctld_port slurmd_port ctld_addr node_lines node_names
   mkdir -p "$dir"/{munge,db,state,spool,log,run}
   host=$(hostname -s)
   cpus=$(nproc)
   # RealMemory above what slurmd detects would drain the node: stay ~5% (at least 256 MB) below MemTotal.
   mem_mb=$(awk '/^MemTotal:/ { m = int($2 / 1024); r = int(m * 0.05); if (r < 256) r = 256; print m - r }' /proc/meminfo)
   free_port db_port; free_port dbd_port; free_port ctld_port; free_port slurmd_port
+  if [ "$nodes" = 1 ]; then
+    ctld_addr=127.0.0.1
+    node_names=$host
+    node_lines="NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
+  else
+    command -v ip >/dev/null && command -v nsenter >/dev/null && command -v unshare >/dev/null \
+      || die "a multi-node cluster needs ip (iproute2), nsenter and unshare (util-linux)"
+    start_network "$dir" "$nodes"
+    ctld_addr="$(awk '{print $2}' "$dir/network").1"
+    node_names=$(awk '{print $1}' "$dir/nodes.txt" | paste -sd, -)
+    node_lines=$(awk -v c="$cpus" -v m="$mem_mb" \
+      '{print "NodeName=" $1 " NodeAddr=" $2 " CPUs=" c " RealMemory=" m " State=UNKNOWN"}' "$dir/nodes.txt")
+  fi
 
   # munge: a private key and socket, munged running as the munge user as packaged. munged insists that every
   # directory above its socket be searchable by all users, which DIR's parents may not be (pytest's tmp dirs are
@@ -167,17 +237,18 @@ EOF
   cat >"$dir/slurm.conf" <<EOF
 ClusterName=$CLUSTER
 # Addresses given explicitly: the host name need not resolve (fresh CI machines).
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$host($ctld_addr)
 SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
 SlurmUser=root
 $auth
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+# %n: each node's slurmd keeps its own spool, pid file and log.
+SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/run/slurmctld.pid
-SlurmdPidFile=$dir/run/slurmd.pid
+SlurmdPidFile=$dir/run/slurmd-%n.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
-SlurmdLogFile=$dir/log/slurmd.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # No cgroups: works in containers and VMs without a delegated cgroup tree.
@@ -211,8 +282,8 @@ SlurmdTimeout=60
 InactiveLimit=0
 MpiDefault=none
 MailProg=/bin/true
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
+$node_lines
+PartitionName=debug Nodes=$node_names Default=YES MaxTime=INFINITE State=UP
 EOF
 
   slurmdbd || die "slurmdbd failed: $(tail -5 "$dir/log/slurmdbd.log")"
@@ -220,8 +291,16 @@ EOF
   # slurmctld registers with slurmdbd only as a known cluster.
   sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
   slurmctld || die "slurmctld failed: $(tail -5 "$dir/log/slurmctld.log")"
-  slurmd || die "slurmd failed: $(tail -5 "$dir/log/slurmd.log")"
-  wait_for 60 node_idle || die "node not idle: $(sinfo -N 2>&1; tail -5 "$dir/log/slurmd.log" "$dir/log/slurmctld.log")"
+  if [ "$nodes" = 1 ]; then
+    mkdir -p "$dir/spool/$host"
+    slurmd || die "slurmd failed: $(tail -5 "$dir/log/slurmd-$host.log")"
+  else
+    local name addr ns
+    while read -r name addr ns; do
+      start_node_slurmd "$dir" "$name" "$ns"
+    done <"$dir/nodes.txt"
+  fi
+  wait_for 60 nodes_idle || die "nodes not idle: $(sinfo -N 2>&1; tail -5 "$dir"/log/slurmd-*.log "$dir/log/slurmctld.log")"
   wait_for 30 sacct -n -X -S now || die "sacct does not answer"
 
   cat >"$dir/env.sh" <<EOF
@@ -229,7 +308,7 @@ EOF
 export SLURM_CONF=$dir/slurm.conf
 export PATH=\$PATH:/usr/sbin:/usr/bin:/sbin:/bin
 EOF
-  log "cluster up in $((SECONDS - t0)) s: $dir (node $host, $cpus CPUs, ${mem_mb} MB)"
+  log "cluster up in $((SECONDS - t0)) s: $dir (node(s) $node_names, $cpus CPUs and ${mem_mb} MB each)"
 }
 
 # TERM the processes in pid files "$@" together (each takes ~2 s to exit; a throwaway cluster need not shut down
@@ -261,14 +340,30 @@ cmd_stop() {
     wait_for 15 no_jobs || log "jobs still running at stop"
   fi
   [ -L "$dir/munge/dir" ] && mdir=$(readlink "$dir/munge/dir")
-  stop_pids "$dir"/run/{slurmd,slurmctld,slurmdbd,mysqld}.pid ${mdir:+"$mdir/munged.pid"}
+  stop_pids "$dir"/run/slurmd*.pid "$dir"/run/{slurmctld,slurmdbd,mysqld}.pid ${mdir:+"$mdir/munged.pid"}
   [ -z "$mdir" ] || rm -rf "$mdir" "$dir/munge/dir"
+  stop_network "$dir"
   log "stopped $dir"
+}
+
+# Whatever still runs in a node's namespace (a job step a dead slurmd left, a Ray worker) is killed, then the
+# namespaces, veths and the bridge go.
+stop_network() {
+  local dir=$1 id net name addr ns pids
+  [ -f "$dir/network" ] || return 0
+  read -r id net <"$dir/network"
+  while read -r name addr ns; do
+    pids=$(ip netns pids "$ns" 2>/dev/null || true)
+    [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done <"$dir/nodes.txt"
+  ip link del "spb$id" 2>/dev/null || true
+  rm -f "$dir/network"
 }
 
 case "${1:-}" in
   install) cmd_install ;;
-  start) cmd_start "${2:-}" ;;
+  start) cmd_start "${2:-}" "${3:-1}" ;;
   stop) cmd_stop "${2:-}" ;;
-  *) echo "usage: $0 install | start DIR | stop DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 install | start DIR [NODES] | stop DIR" >&2; exit 2 ;;
 esac

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from slurm_harness import slurm_cluster  # noqa: F401  (one real SLURM cluster per test session, started on first use)
+from slurm_harness import slurm_cluster, slurm_cluster_2nodes  # noqa: F401  (real SLURM clusters, one each per session, started on first use)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -67,9 +67,11 @@ class SlurmCluster:
     def install(self, timeout: float = 900) -> None:
         self._script("install", timeout=timeout)
 
-    def start(self, directory: str | os.PathLike) -> SlurmCluster:
+    def start(self, directory: str | os.PathLike, nodes: int = 1) -> SlurmCluster:
+        """nodes=1: this machine is the node; nodes>=2: n1..nN, each a network namespace on a private bridge with
+        its own host name and slurmd (scripts/slurm_cluster.sh)."""
         self.dir = Path(directory).resolve()
-        self._script("start", str(self.dir), timeout=300)
+        self._script("start", str(self.dir), str(nodes), timeout=300)
         self.env = {**os.environ, "SLURM_CONF": str(self.dir / "slurm.conf"), "PATH": PATH}
         return self
 
@@ -150,15 +152,14 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"SLURM cluster unavailable: {reason}")
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
+def _session_cluster(tmp_path_factory, nodes: int):
     ok, reason = SlurmCluster.available()
     if not ok:
         _unavailable(reason)
     cluster = SlurmCluster()
     try:
         cluster.install()
-        cluster.start(tmp_path_factory.mktemp("slurm") / "cluster")
+        cluster.start(tmp_path_factory.mktemp("slurm") / "cluster", nodes)
     except Exception as e:
         reason = str(e)
         try:
@@ -168,3 +169,14 @@ def slurm_cluster(tmp_path_factory):
         _unavailable(reason)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    yield from _session_cluster(tmp_path_factory, 1)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster_2nodes(tmp_path_factory):
+    """Two nodes, n1 and n2, inside this machine (network + UTS namespaces, one slurmd each)."""
+    yield from _session_cluster(tmp_path_factory, 2)
