@@ -50,6 +50,13 @@ def read_columns(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
+def read_arrow(files: Iterable[Path], columns: Sequence[str] | None = None) -> pa.Table:
+    """Files' (narrow) columns as one arrow table: strings stay arrow buffers, not a Python object per row. Column
+    types are promoted across files (an empty part's object column is written as type null)."""
+    return pa.concat_tables([pq.read_table(f, columns=list(columns) if columns is not None else None) for f in files],
+                            promote_options="default")
+
+
 def key_codes(path: Path, column: str = "prompt_id") -> np.ndarray:
     """An int32 code per row for `column`'s value (equal values, equal codes), without a Python object per row."""
     codes, offset = [], 0

@@ -22,9 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from selfplay.backends.batching import token_budget_batches
 from selfplay.backends.chat import template_sha256, token_format, training_tokens
@@ -136,8 +134,7 @@ def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
     cfg = ctx.cfg
     path = ctx.path("candidate_pairs.parquet")
     spans, offsets = response_windows(path, cfg.window_rows)
-    # Arrow, not pandas: no Python string per response (an empty part's model column is typed null: promote it).
-    values = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
+    values = tables.read_arrow(parts)  # arrow: no Python string per response
     columns = {}
     for model, prefix in (("policy", ""), ("reference", "ref_")) if cfg.model.reference else (("policy", ""),):
         mine = values.filter(pc.equal(values["model"], model))

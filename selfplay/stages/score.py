@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from selfplay.errors import SelfplayError
 from selfplay.rewards.scoring import scorer_session
@@ -62,9 +61,9 @@ def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
     path = ctx.path("generations")
     n_rows = tables.count_rows(path)
     # Arrow, not pandas: the ids compare as arrow strings, without a Python string per row.
-    rewards = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
+    rewards = tables.read_arrow(parts)
     rewards = rewards.take(pc.sort_indices(rewards["row"]))
-    keys = pa.concat_tables([pq.read_table(f, columns=["prompt_id", "sample_idx"]) for f in tables.table_files(path)])
+    keys = tables.read_arrow(tables.table_files(path), ["prompt_id", "sample_idx"])
     # Every row scored exactly once, by the row it claims (a part from other generations would not line up).
     lined_up = (np.array_equal(rewards["row"].to_numpy(), np.arange(n_rows))
                 and rewards["prompt_id"].cast(pa.large_string()).equals(keys["prompt_id"].cast(pa.large_string()))
