@@ -39,6 +39,7 @@ from selfplay.errors import SelfplayError
 from selfplay.reports.comparison import find_runs, is_comparison, write_comparison
 from selfplay.reports.run_report import rebuild
 from selfplay.reports.status import format_status, run_status, status_json
+from selfplay.rundir import preemption
 from selfplay.rundir.shards import SHARDED_STAGES
 from selfplay.runner import compare, pipeline, runlock, sweeps, upgrade
 from selfplay.runner.offline import select_dataset
@@ -63,6 +64,8 @@ def _app(cfg) -> None:
         resolve_backend(cfg, chosen_by_user=bool({"sampler", "sampler.backend"} & set(keys)),
                         batch_size_by_user="sampler.batch_size" in keys)
         OmegaConf.set_readonly(cfg, True)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's launcher (submitit) keeps its own handlers
+            preemption.install()  # SIGTERM/USR1/USR2: stop at the next checkpoint, exit 75 for a requeue
         # One writer per run directory (already held when `_hydra` checked before Hydra started); a sweep's jobs
         # each hold their own. Shards of one stage write disjoint parts and share it.
         runlock.acquire(run_dir, shared=cfg.shard is not None)
@@ -87,6 +90,9 @@ def _app(cfg) -> None:
                                 f"not {_task['stage']}")
         for stage in stages:
             pipeline.run_stage(cfg, run_dir, stage, cfg.round, set(cfg.force), cfg.shard, cfg.num_shards)
+    except preemption.Preempted as err:
+        log.error("%s", err)
+        sys.exit(preemption.EXIT_PREEMPTED)  # the job script requeues on this code (selfplay/runner/slurm.py)
     except SelfplayError as err:
         # The message says what to fix; a traceback would only bury it.
         log.error("%s", err)
@@ -98,6 +104,8 @@ def _app(cfg) -> None:
         log.error("disk full while writing under %s (%s); free space there (or set output_root=…) and run the same "
                   "command again: finished stages are kept", run_dir, str(err).splitlines()[0][:200])
         sys.exit(2)
+    finally:
+        preemption.uninstall()
 
 
 def disk_full(err: BaseException | None) -> bool:

@@ -482,6 +482,15 @@ class LauncherConfig:
     workdir: str | None = None
     # More sbatch options for every job, each one option such as "--constraint=h100" or "--exclusive".
     sbatch_options: list[str] = field(default_factory=list)
+    # Pre-emption (selfplay/rundir/preemption.py). requeue: `#SBATCH --requeue` (SLURM may put a pre-empted job, or one
+    # whose node failed, back in the queue) and a job stopped by `signal` requeues itself; false: `--no-requeue`
+    # (a stopped job fails and the chain stops; submitting again resumes).
+    requeue: bool = True
+    # `#SBATCH --signal`: SLURM sends this signal to the job script these many seconds before the time limit; the
+    # stage in hand (generate: window, train: optimizer step) finishes it, checkpoints and exits, and the job is
+    # requeued to resume there. B:USR1@SECONDS or B:USR2@SECONDS (B: the job script, where the stages run);
+    # null: no warning (SIGTERM, e.g. from `scontrol requeue` or scancel, still stops a stage at its next checkpoint).
+    signal: str | None = "B:USR1@120"
     # Per kind of job: array tasks of the sharded stages, and the jobs that merge/pair/select (light) and train
     # (select, train, eval run together).
     generate: SlurmJobConfig = field(default_factory=lambda: SlurmJobConfig(shards=2))
@@ -609,6 +618,7 @@ def validate(cfg: Any) -> None:
 # sbatch reads `#SBATCH` lines itself (no shell), but a newline in a value would start a new line of the script.
 _SBATCH_VALUE = r"[A-Za-z0-9_.:,=@%+/\-\[\]]+"
 JOB_KINDS = ("generate", "score", "margin", "light", "train")
+SIGNAL_OPTION = r"B:(USR1|USR2)@[0-9]{1,5}"  # launcher.signal: a warning signal for the job script only
 
 
 def validate_launcher(launcher: Any) -> None:
@@ -619,6 +629,9 @@ def validate_launcher(launcher: Any) -> None:
     for option in launcher.sbatch_options:
         _require(re.fullmatch(r"--?[A-Za-z][A-Za-z0-9-]*(=" + _SBATCH_VALUE + ")?", str(option)) is not None,
                  "launcher.sbatch_options", f"{option!r} is not one sbatch option like --constraint=h100")
+    _require(launcher.signal is None or re.fullmatch(SIGNAL_OPTION, str(launcher.signal)) is not None,
+             "launcher.signal", f"{launcher.signal!r} is not B:USR1@SECONDS or B:USR2@SECONDS (e.g. B:USR1@120: SIGUSR1 "
+             "to the job script 120 s before the time limit; TERM is what scancel sends, so it cannot mean 'requeue')")
     for line in launcher.setup:
         _require("\n" not in str(line) and "\x00" not in str(line), "launcher.setup", "one shell line per entry")
     for kind in JOB_KINDS:

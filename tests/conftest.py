@@ -65,6 +65,55 @@ def run_cli(*args: str, timeout: float = 900, env: dict | None = None) -> subpro
                           timeout=timeout, env=full_env, cwd=ROOT)
 
 
+# One round, one prompt per generate window (6 windows) and one pair per optimizer step (2 epochs): the
+# pre-emption and node-loss tests stop generate and train part-way.
+ONE_ROUND = ["rounds=1", "sampler.batch_size=1", "sampler.sort_window_batches=1", "trainer.batch_size=1",
+             "trainer.epochs=2"]
+
+
+@pytest.fixture(scope="session")
+def one_round_reference(tmp_path_factory, tiny_policy) -> Path:
+    """The tiny run with ONE_ROUND, unbroken, by `selfplay run` in one process: what stopped and resumed runs of
+    the same config must equal."""
+    root = tmp_path_factory.mktemp("one-round")
+    out = run_cli("run", *tiny_overrides(root, tiny_policy, None, "ref"), *ONE_ROUND)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root / "ref"
+
+
+def fault_hold(tmp_path: Path, label: str) -> tuple[dict[str, str], Path, Path]:
+    """Environment that makes a selfplay process hold at fault point `label` (`rNN/stage/point#K`) until `release`
+    exists or it is signalled (selfplay/rundir/faults.py), with the trace of points crossed: (env, trace, release)."""
+    trace, release = tmp_path / "trace.txt", tmp_path / "release"
+    return {"SELFPLAY_FAULT_TRACE": str(trace), "SELFPLAY_FAULT_HOLD": f"{label}@{release}"}, trace, release
+
+
+def wait_for_crossing(trace: Path, label: str, proc: subprocess.Popen | None = None, timeout: float = 300,
+                      count: int = 1) -> None:
+    """Until the fault trace shows `label` (`point#K`) crossed by `count` processes (each now holds there)."""
+    import time
+
+    name, k = label.split("#")
+    deadline = time.monotonic() + timeout
+    while not trace.exists() or trace.read_text().splitlines().count(name) < int(k) * count:
+        assert proc is None or proc.poll() is None, f"the run ended ({proc.returncode}) before crossing {label}"
+        assert time.monotonic() < deadline, f"{label} not crossed {count}× after {timeout} s"
+        time.sleep(0.05)
+
+
+def assert_same_round(run_dir: Path, reference: Path, r: int) -> None:
+    """Round r of two runs: the same selected pairs and bit-identical policy weights."""
+    import pandas as pd
+    import torch
+    from safetensors.torch import load_file
+
+    rdir, ref = run_dir / f"round_{r:02d}", reference / f"round_{r:02d}"
+    pd.testing.assert_frame_equal(pd.read_parquet(rdir / "selected.parquet"), pd.read_parquet(ref / "selected.parquet"),
+                                  check_exact=True)
+    ours, theirs = load_file(rdir / "policy" / "model.safetensors"), load_file(ref / "policy" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), f"round {r} policy differs"
+
+
 def tiny_overrides(tmp_path: Path, policy: Path, reward_model: Path | None, run_name: str = "tiny") -> list[str]:
     """A 2-round run of the tiny models that takes seconds per stage. precision=fp32: the equalities these tests check
     (shards, resumes, backends) hold on every processor; the bf16 path has its own tests (test_precision.py).

@@ -9,20 +9,14 @@ import subprocess
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
-from conftest import run_cli, tiny_overrides
-from safetensors.torch import load_file
+from conftest import assert_same_round, run_cli, tiny_overrides
+from slurm_harness import SMALL_JOBS
 
 pytestmark = pytest.mark.slurm
 
 # Generate windows of 2 prompts: both shards of a 6-prompt round have work.
 SMALL_BATCHES = ["sampler.batch_size=1", "sampler.sort_window_batches=2"]
-# Two jobs side by side on the 2-core node: one core and a little memory each.
-SMALL_JOBS = [f"launcher.{kind}.{key}={value}" for kind in ("generate", "score", "margin", "light", "train")
-              for key, value in (("cpus_per_task", 1), ("mem", "3G"), ("time", "00:20:00"))]
-
-
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, tiny_policy) -> Path:
     """The reference: the same 2-round config run by `selfplay run` in one process."""
@@ -40,14 +34,6 @@ def submit(cluster, *overrides: str) -> subprocess.CompletedProcess:
     out = run_cli("submit", *overrides, env=cluster.env)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
-
-
-def assert_same_round(run_dir: Path, reference: Path, r: int) -> None:
-    rdir, ref = run_dir / f"round_{r:02d}", reference / f"round_{r:02d}"
-    pd.testing.assert_frame_equal(pd.read_parquet(rdir / "selected.parquet"), pd.read_parquet(ref / "selected.parquet"),
-                                  check_exact=True)
-    ours, theirs = load_file(rdir / "policy" / "model.safetensors"), load_file(ref / "policy" / "model.safetensors")
-    assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
 
 
 def test_submitted_run_completes_and_equals_the_local_run(slurm_cluster, tmp_path, tiny_policy, local_run):

@@ -39,8 +39,14 @@ def test_dry_run_prints_a_readable_chain_and_submits_nothing(tmp_path):
     for line in ("#SBATCH --array=0-3", "#SBATCH --nodes=2", "#SBATCH --gpus-per-node=1", "#SBATCH --partition=gpu",
                  "#SBATCH --account=proj", "#SBATCH --kill-on-invalid-dep=yes",
                  'stage generate round=0 shard="$SLURM_ARRAY_TASK_ID" num_shards=4 "${overrides[@]}"',
-                 "ray_cluster.sh"):  # two nodes: a Ray cluster across them for the engines
+                 "ray_cluster.sh",  # two nodes: a Ray cluster across them for the engines
+                 # pre-emption on by default: SIGUSR1 120 s before the limit, passed on to the stage; requeue on 75
+                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "selfplay_step \"$SELFPLAY_PYTHON\" -m selfplay.cli",
+                 'scontrol requeue "$SLURM_JOB_ID"', "trap "):
         assert line in generate, line
+    off = run_cli("submit", "--dry-run", f"output_root={tmp_path}", "launcher.requeue=false", "launcher.signal=null")
+    assert off.returncode == 0 and "#SBATCH --no-requeue" in off.stdout and "--signal" not in off.stdout
+    assert "selfplay_step" not in off.stdout and "scontrol requeue" not in off.stdout
     train = scripts["r00-margin-merge-to-r01-prompts.sbatch"]
     assert "#SBATCH --gpus-per-node=8" in train and "stage margin,select,train,eval round=0" in train
     assert "stage prompts round=1" in train
@@ -66,6 +72,8 @@ def test_dry_run_prints_a_readable_chain_and_submits_nothing(tmp_path):
         ("launcher.train.shards=2", "launcher.train.shards: only generate, score and margin are sharded"),
         ("launcher.generate.time='1:00 ; x'", "launcher.generate.time"),
         ("launcher.nodes=2", "launcher.nodes"),  # a typo: not a key
+        ("launcher.signal=USR1@120", "launcher.signal: 'USR1@120' is not B:USR1@SECONDS"),  # must go to the script
+        ("launcher.signal=B:TERM@60", "launcher.signal: 'B:TERM@60'"),  # TERM is scancel's: not "requeue me"
     ],
 )
 def test_submit_refuses_what_it_cannot_pass_safely(tmp_path, override, message):

@@ -256,7 +256,11 @@ class StageWriter:
         if self.tmp.exists():  # left over from a killed attempt: nothing in it was complete
             shutil.rmtree(self.tmp)
         self.tmp.mkdir()
-        faults.point(faults.stage_label(self.round_dir.name, self.stage, "start"))
+        try:
+            faults.point(faults.stage_label(self.round_dir.name, self.stage, "start"))
+        except BaseException:  # a stop signal held here (selfplay/rundir/preemption.py): __exit__ will not run
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

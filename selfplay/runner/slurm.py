@@ -34,7 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from selfplay.config import STAGES, conf_dir, validate
 from selfplay.errors import SelfplayError
-from selfplay.rundir import atomic, shards
+from selfplay.rundir import atomic, preemption, shards
 from selfplay.rundir import manifest as mf
 from selfplay.rundir.layout import round_dir
 from selfplay.runner import runlock, sweeps, upgrade
@@ -191,12 +191,16 @@ def render(job: Job, cfg: Any, run_dir: Path, overrides: list[str], python: str,
         ("account", launcher.account),
         ("qos", launcher.qos),
         ("output", logs / ("%x-%A_%a.out" if job.array is not None else "%x-%j.out")),
+        ("open-mode", "append"),  # a requeued job's log keeps the lines of its earlier attempts
         ("chdir", workdir),
         ("kill-on-invalid-dep", "yes"),  # a failed dependency cancels this job instead of leaving it queued
     ]
     lines = ["#!/bin/bash", f"# selfplay run {run_dir.name}: {what}",
              "# Written by `selfplay submit` (selfplay/runner/slurm.py); edit freely and resubmit with sbatch."]
     lines += [f"#SBATCH --{key}={value}" for key, value in options if value is not None]
+    lines.append("#SBATCH --requeue" if launcher.requeue else "#SBATCH --no-requeue")
+    if launcher.signal:
+        lines.append(f"#SBATCH --signal={launcher.signal}")
     lines += [f"#SBATCH {option}" for option in launcher.sbatch_options]
     lines += ["", "set -euo pipefail", *launcher.setup, f"export SELFPLAY_PYTHON={shlex.quote(python)}"]
     words = [f"run_name={cfg.run_name}", f"output_root={run_dir.parent}", "hydra.output_subdir=null", *overrides]
@@ -212,11 +216,52 @@ def render(job: Job, cfg: Any, run_dir: Path, overrides: list[str], python: str,
         # Several nodes: a Ray cluster across them, joined by the stage's vLLM engines.
         lines.append(f"source {shlex.quote(str(run_dir / 'slurm' / 'ray_cluster.sh'))}")
         lines.append('overrides+=("ray.address=\'$RAY_ADDRESS\'")')
+    if launcher.signal:
+        lines += preemption_shell(launcher.signal, launcher.requeue)
     for command in job.commands:
         args = " ".join(a if a.startswith('shard="$') else shlex.quote(a) for a in command)
         tail = ' "${overrides[@]}"' if command[0] == "stage" else ""
-        lines.append(f'"$SELFPLAY_PYTHON" -m selfplay.cli {args}{tail}')
+        lines.append(("selfplay_step " if launcher.signal else "") + f'"$SELFPLAY_PYTHON" -m selfplay.cli {args}{tail}')
     return "\n".join(lines) + "\n"
+
+
+def preemption_shell(signal_option: str, requeue: bool) -> list[str]:
+    """Job-script lines that run each selfplay command as `selfplay_step …`: the warning signal of --signal=B:SIG@T
+    reaches the job script only, so its trap passes it on to the command running; a command that then stops at a
+    checkpoint exits EXIT_PREEMPTED (or dies of the signal, should it come before Python took it: nothing is
+    published before a stage commits), and the job requeues itself (launcher.requeue) to resume there."""
+    sig, seconds = signal_option.split(":", 1)[1].split("@")
+    code = preemption.EXIT_PREEMPTED
+    # An array task's own id is ARRAYID_TASK: its SLURM_JOB_ID may be the array's, and requeueing that requeues all.
+    then = ('  local job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}\n'
+            '  echo "selfplay: stopped on SIG%s (finished work is kept); requeueing job ${job:=$SLURM_JOB_ID}"\n'
+            '  scontrol requeue "$job" || echo "selfplay: scontrol requeue failed; submit again to resume"'
+            if requeue else
+            '  echo "selfplay: stopped on SIG%s (finished work is kept); not requeued (launcher.requeue=false): '
+            'submit again to resume"') % sig
+    return [f"# Pre-emption (launcher.signal={signal_option}, launcher.requeue={str(requeue).lower()}): SLURM sends "
+            f"SIG{sig} to this script",
+            f"# about {seconds} s before the time limit; the trap passes it to the selfplay command running, which",
+            f"# finishes its window or optimizer step, checkpoints and exits {code}; "
+            + ("then the job requeues itself." if requeue else "the job then fails (no requeue)."),
+            "selfplay_stopped() {",
+            *then.split("\n"),
+            f"  exit {code}",
+            "}",
+            "selfplay_step() {",
+            '  [ -z "${selfplay_signalled:-}" ] || selfplay_stopped  # the signal came between two commands',
+            '  "$@" &',
+            "  selfplay_pid=$!",
+            '  while kill -0 "$selfplay_pid" 2>/dev/null; do wait "$selfplay_pid" || true; done  # a trap cuts wait short',
+            "  local rc=0",
+            '  wait "$selfplay_pid" || rc=$?',
+            f'  if [ -n "${{selfplay_signalled:-}}" ] && {{ [ "$rc" -eq {code} ] || [ "$rc" -eq $((128 + $(kill -l {sig}))) ]; }}; then',
+            "    selfplay_stopped",
+            "  fi",
+            '  return "$rc"',
+            "}",
+            f"trap 'selfplay_signalled=1; [ -z \"${{selfplay_pid:-}}\" ] || kill -{sig} \"$selfplay_pid\" 2>/dev/null "
+            f"|| true' {sig}"]
 
 
 def _check_path(path: Path, what: str) -> None:

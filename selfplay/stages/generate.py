@@ -20,7 +20,7 @@ from selfplay.backends.chat import template_sha256
 from selfplay.backends.modeling import load_tokenizer
 from selfplay.backends.samplers import SamplingSpec, build_sampler
 from selfplay.config import round_seed
-from selfplay.rundir import faults, shards
+from selfplay.rundir import faults, preemption, shards
 from selfplay.rundir.checkpoints import ChunkStore
 from selfplay.rundir.shards import shard_span
 
@@ -75,10 +75,13 @@ def compute(ctx, shard: int, num_shards: int) -> Iterator[pd.DataFrame]:
     stats: list[dict] = []
     yield completions_frame(prompts.iloc[:0], [])  # the columns, should the shard have no window
     with contextlib.ExitStack() as stack:
+        stack.enter_context(preemption.safe_points())  # a stop signal waits for the window in hand to be saved
         sampler = None
         for w in windows:
             chunk = store.load(w)
             if chunk is None:
+                preemption.check(f"{label}: {sum(store.has(v) for v in windows)} of {len(windows)} windows "
+                                 "checkpointed")
                 if sampler is None:  # started only when some window is not checkpointed
                     sampler = stack.enter_context(build_sampler(cfg, ctx.policy_path(), ctx.device))
                 rows = prompts.iloc[w * window:min((w + 1) * window, hi)].reset_index(drop=True)

@@ -41,7 +41,7 @@ from selfplay.backends.modeling import (
 from selfplay.backends.precision import train_bf16
 from selfplay.errors import NoPairsError, UnchangedPolicyError
 from selfplay.reports.tracking import trainer_report_to
-from selfplay.rundir import faults, tables
+from selfplay.rundir import faults, preemption, tables
 from selfplay.rundir.checkpoints import last_trainer_checkpoint
 from selfplay.rundir.layout import round_name
 from selfplay.stages.base import StageContext
@@ -288,6 +288,22 @@ def _fault_points(round_name: str):
     return FaultPoints()
 
 
+def _stop_on_preemption():
+    """A TrainerCallback that, once the job is told to stop (selfplay/rundir/preemption.py), saves a checkpoint at
+    the end of the step in hand and ends training there; every rank stops at the same step."""
+    from transformers import TrainerCallback
+
+    class StopOnPreemption(TrainerCallback):
+        stopped_at: int | None = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step < state.max_steps and preemption.agreed():
+                control.should_save = control.should_training_stop = True
+                self.stopped_at = state.global_step
+
+    return StopOnPreemption()
+
+
 def train_policy(cfg, run_dir: Path, r: int, out: Path, checkpoint_dir: Path) -> dict | None:
     """Train π_{r+1} from π_r on round r's selected pairs into out/policy; returns the stats on the main process
     (None on the other ranks of a distributed run). The single-process stage and every distributed rank run this.
@@ -307,9 +323,16 @@ def train_policy(cfg, run_dir: Path, r: int, out: Path, checkpoint_dir: Path) ->
     with trainer_report_to(cfg, run_dir, r) if main_rank else nullcontext("none") as report_to:
         trainer = build_trainer(cfg, model, tokenizer, selected, str(checkpoint_dir), report_to)
         trainer.add_callback(_fault_points(ctx.round_dir.name))
+        stop = _stop_on_preemption()
+        trainer.add_callback(stop)
         if resume is not None:
             log.info("round %d train: resuming from %s", r, resume)
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        with preemption.safe_points():  # a stop signal ends training at the next optimizer step, checkpointed
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    if stop.stopped_at is not None:
+        raise preemption.Preempted(f"round {r} train: stopped at optimizer step {stop.stopped_at} of "
+                                   f"{trainer.state.max_steps}, checkpointed in {checkpoint_dir}; the same command "
+                                   "resumes from there")
     if cfg.trainer.peft == "lora":
         trainer.save_model(str(out / "adapter"))  # every rank takes part (sharded strategies gather the adapter)
     else:

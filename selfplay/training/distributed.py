@@ -39,6 +39,7 @@ from typing import Any
 from selfplay.backends.modeling import torch_device
 from selfplay.config import conf_dir
 from selfplay.errors import SelfplayError
+from selfplay.rundir import preemption
 
 log = logging.getLogger("selfplay")
 
@@ -111,8 +112,16 @@ def run_distributed(cfg: Any, worker_args: list[str], log_path: Path) -> None:
         command = launch_command(cfg, topo, worker_args)
     log.info("train: %s on %d node(s) × %d process(es): %s", cfg.trainer.distributed, topo.nodes, topo.per_node,
              " ".join(command))
-    with open(log_path, "w") as out:
+    # A stop signal to this process reaches the ranks (on every node) through a flag file in the round directory.
+    flag = log_path.with_name(log_path.name + ".stop")
+    flag.unlink(missing_ok=True)
+    env[preemption.FLAG_ENV] = str(flag)
+    with open(log_path, "w") as out, preemption.safe_points():
         code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    flag.unlink(missing_ok=True)
+    if code != 0 and preemption.received() is not None:
+        raise preemption.Preempted(f"train: told to stop; the ranks saved a checkpoint at the same optimizer step "
+                                   f"and exited (log: {log_path}); the same command resumes from there")
     if code != 0:
         raise SelfplayError(f"train: a rank failed (exit {code}); its error:\n{rank_error(log_path.read_text())}\n"
                             f"full log: {log_path}")
