@@ -4,6 +4,9 @@
 #   scripts/slurm_cluster.sh start DIR [NODES]  munged + MariaDB + slurmdbd + slurmctld + one slurmd per node, all
 #                                               state under DIR
 #   scripts/slurm_cluster.sh stop DIR           stop every daemon and node that `start DIR` began
+#   scripts/slurm_cluster.sh node-kill DIR NAME  (NODES>=2) SIGKILL everything in node NAME: its slurmd, job steps,
+#                                               job processes — the node is lost, as if it lost power
+#   scripts/slurm_cluster.sh node-start DIR NAME start NAME's slurmd again and wait until the node is back in service
 # Clients: `. DIR/env.sh` (sets SLURM_CONF), then sbatch/squeue/sacct as usual.
 # Every port is picked free at start and every socket/pid/log/state path lives under DIR (munge's in a /tmp dir
 # linked from DIR/munge/dir), so two clusters (or a system-wide Slurm/MariaDB/munge) can run side by side.
@@ -177,8 +180,10 @@ cmd_start() {
   runuser -u munge -- munged --key-file="$mdir/munge.key" --socket="$mdir/munge.socket" \
     --pid-file="$mdir/munged.pid" --log-file="$mdir/munged.log" --seed-file="$mdir/munged.seed"
   wait_for 10 test -S "$mdir/munge.socket" || die "munged did not start: $(cat "$mdir/munged.log" 2>/dev/null)"
+  # cred_expire: a requeued job waits this long before it may start again (default 120 s; the pre-emption tests
+  # requeue jobs).
   local auth="AuthType=auth/munge
-AuthInfo=socket=$mdir/munge.socket"
+AuthInfo=socket=$mdir/munge.socket,cred_expire=20"
 
   # MariaDB for slurmdbd: private datadir/socket, TCP on a free loopback port (slurmdbd connects over TCP).
   local sock="$dir/run/mysqld.sock" mysqld
@@ -278,7 +283,8 @@ KillWait=5
 ReturnToService=2
 # Finished jobs stay visible to squeue/scontrol for 5 minutes.
 MinJobAge=300
-SlurmdTimeout=60
+# A lost node (tests/test_slurm_multinode.py) is declared DOWN this many seconds after its slurmd stops answering.
+SlurmdTimeout=30
 InactiveLimit=0
 MpiDefault=none
 MailProg=/bin/true
@@ -361,9 +367,45 @@ stop_network() {
   rm -f "$dir/network"
 }
 
+# The "name addr netns" line of node $2 in cluster DIR=$1.
+node_line() {
+  [ -f "$1/nodes.txt" ] || die "$1 has no nodes.txt: node-kill/node-start need a cluster of 2 or more nodes"
+  awk -v n="$2" '$1 == n' "$1/nodes.txt" | grep . || die "no node $2 in $1/nodes.txt"
+}
+
+cmd_node_kill() {
+  local dir=${1:?usage: node-kill DIR NAME} name=${2:?usage: node-kill DIR NAME} line addr ns pids killed=0 pass
+  line=$(node_line "$dir" "$name")
+  read -r name addr ns <<<"$line"
+  for pass in 1 2 3; do  # a process forked while the first pass ran goes in the next
+    pids=$(ip netns pids "$ns")
+    [ -n "$pids" ] || break
+    kill -9 $pids 2>/dev/null || true
+    killed=$((killed + $(wc -w <<<"$pids")))
+    sleep 0.2
+  done
+  log "node $name lost: killed $killed process(es) in $ns"
+}
+
+cmd_node_start() {
+  local dir=${1:?usage: node-start DIR NAME} name=${2:?usage: node-start DIR NAME} addr ns
+  dir=$(cd "$dir" && pwd)
+  export SLURM_CONF="$dir/slurm.conf"
+  local line
+  line=$(node_line "$dir" "$name")
+  read -r name addr ns <<<"$line"
+  start_node_slurmd "$dir" "$name" "$ns"
+  # ReturnToService=2: a node that was DOWN for not responding is back once its slurmd registers.
+  wait_for 60 sh -c "[ \"\$(sinfo -h -n $name -o %t)\" = idle ]" \
+    || die "node $name not back: $(sinfo -N 2>&1; tail -5 "$dir/log/slurmd-$name.log")"
+  log "node $name back in service"
+}
+
 case "${1:-}" in
   install) cmd_install ;;
   start) cmd_start "${2:-}" "${3:-1}" ;;
   stop) cmd_stop "${2:-}" ;;
-  *) echo "usage: $0 install | start DIR [NODES] | stop DIR" >&2; exit 2 ;;
+  node-kill) cmd_node_kill "${2:-}" "${3:-}" ;;
+  node-start) cmd_node_start "${2:-}" "${3:-}" ;;
+  *) echo "usage: $0 install | start DIR [NODES] | stop DIR | node-kill DIR NAME | node-start DIR NAME" >&2; exit 2 ;;
 esac

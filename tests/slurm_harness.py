@@ -75,6 +75,14 @@ class SlurmCluster:
         self.env = {**os.environ, "SLURM_CONF": str(self.dir / "slurm.conf"), "PATH": PATH}
         return self
 
+    def kill_node(self, name: str) -> None:
+        """Lose node `name` (clusters of 2+ nodes): SIGKILL its slurmd and everything running in it."""
+        self._script("node-kill", str(self.dir), name, timeout=60)
+
+    def start_node(self, name: str) -> None:
+        """Bring a lost node back: its slurmd again, until slurmctld has it idle."""
+        self._script("node-start", str(self.dir), name, timeout=120)
+
     def stop(self) -> None:
         if self.dir is not None:
             self._script("stop", str(self.dir), timeout=120)
@@ -143,6 +151,26 @@ class SlurmCluster:
             if job in wanted or _base_id(job) in wanted:
                 found[job] = kv.get("JobState", "")
         return found
+
+
+# Two jobs side by side on a 2-core node: one core and a little memory each.
+SMALL_JOBS = [f"launcher.{kind}.{key}={value}" for kind in ("generate", "score", "margin", "light", "train")
+              for key, value in (("cpus_per_task", 1), ("mem", "3G"), ("time", "00:20:00"))]
+
+
+def submit_run(cluster: SlurmCluster, env: dict[str, str], *overrides: str) -> list[dict]:
+    """`selfplay submit OVERRIDES` against `cluster` with `env` added (the jobs inherit it); the submitted jobs as
+    <run>/slurm/jobs.json lists them (name, id, array)."""
+    import json
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    full_env = {**cluster.env, "PYTHONPATH": f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **env}
+    out = subprocess.run([sys.executable, "-m", "selfplay.cli", "submit", *overrides], capture_output=True, text=True,
+                         env=full_env, cwd=tests.parent, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    values = dict(o.split("=", 1) for o in overrides if o.startswith(("output_root=", "run_name=")))
+    return json.loads((Path(values["output_root"]) / values["run_name"] / "slurm" / "jobs.json").read_text())["jobs"]
 
 
 def _unavailable(reason: str) -> None:

@@ -63,19 +63,10 @@ def ulp(weights: torch.Tensor) -> torch.Tensor:
     return torch.nextafter(weights, torch.full_like(weights, float("inf"))) - weights
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_ddp_on_two_gloo_processes_matches_one_process(selected_round, tiny_policy, precision):
-    extra = [*SGD, f"precision={precision}"]
-    single, single_dir = train_copy(selected_round, f"single-{precision}", "trainer.batch_size=8", *extra)
-    assert single.returncode == 0, single.stderr[-3000:]
-    ddp, ddp_dir = train_copy(selected_round, f"ddp-{precision}", "trainer.batch_size=4", "trainer.distributed=ddp",
-                              "trainer.num_processes=2", *extra)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "train: ddp on 1 node(s) × 2 process(es)" in ddp.stderr
-    stats = json.loads((ddp_dir / "train.done.json").read_text())["stats"]
-    assert stats["world_size"] == 2 and stats["steps"] == 1 and stats["pairs"] == 8
-    ours, theirs = load_file(ddp_dir / "policy" / "model.safetensors"), load_file(single_dir / "policy" / "model.safetensors")
-    base = load_file(tiny_policy / "model.safetensors")
+def assert_ddp_update_matches(ddp_policy, single_policy, base_policy, precision: str, label: str) -> None:
+    """Each tensor's DDP update within the bound above of the single process's (the worst tensor is printed)."""
+    ours, theirs = load_file(ddp_policy / "model.safetensors"), load_file(single_policy / "model.safetensors")
+    base = load_file(base_policy / "model.safetensors")
     assert ours.keys() == theirs.keys()
     u = UNIT_ROUNDOFF[precision]
     excess = {}  # how far each tensor's difference is from its bound, as a fraction of the bound (≤ 1 passes)
@@ -88,10 +79,24 @@ def test_ddp_on_two_gloo_processes_matches_one_process(selected_round, tiny_poli
         excess[key] = ((ours[key] - theirs[key]).double().norm() / bound).item()
     worst = max(excess, key=excess.get)
     relative = ((ours[worst] - theirs[worst]).double().norm() / (theirs[worst] - base[worst]).double().norm()).item()
-    print(f"ddp vs single process ({precision}): worst tensor {worst}: {excess[worst]:.3f} of its bound "
+    print(f"{label} vs single process ({precision}): worst tensor {worst}: {excess[worst]:.3f} of its bound "
           f"(‖Δddp − Δsingle‖/‖Δsingle‖ = {relative:.3g} = {relative / u:.3g}·u) over {len(excess)} tensors")
     assert len(excess) > len(theirs) // 2  # the step moved most tensors
     assert excess[worst] <= 1.0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ddp_on_two_gloo_processes_matches_one_process(selected_round, tiny_policy, precision):
+    extra = [*SGD, f"precision={precision}"]
+    single, single_dir = train_copy(selected_round, f"single-{precision}", "trainer.batch_size=8", *extra)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp, ddp_dir = train_copy(selected_round, f"ddp-{precision}", "trainer.batch_size=4", "trainer.distributed=ddp",
+                              "trainer.num_processes=2", *extra)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "train: ddp on 1 node(s) × 2 process(es)" in ddp.stderr
+    stats = json.loads((ddp_dir / "train.done.json").read_text())["stats"]
+    assert stats["world_size"] == 2 and stats["steps"] == 1 and stats["pairs"] == 8
+    assert_ddp_update_matches(ddp_dir / "policy", single_dir / "policy", tiny_policy, precision, "ddp")
 
 
 def test_lora_is_merged_into_a_plain_policy(selected_round, tiny_policy):

@@ -5,6 +5,7 @@ nodes n1 and n2 are network namespaces on a private bridge, each with its own ho
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -64,3 +65,108 @@ def test_ray_cluster_sh_forms_one_ray_cluster_across_both_nodes(slurm_cluster_2n
     assert seen["nodes"] == sorted(nodes.values())
     assert seen["tasks"] == sorted([name, address] for name, address in nodes.items())
     assert "ray_cluster.sh: 2/2 node(s) joined" in log
+
+
+def running_tasks(cluster, job: str) -> dict[str, str]:
+    """{array task id: node} of the job's running tasks."""
+    import subprocess
+
+    out = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i %N", "-j", job], capture_output=True, text=True,
+                         env=cluster.env)
+    return dict(line.split() for line in out.stdout.splitlines() if len(line.split()) == 2)
+
+
+def test_a_lost_node_fails_its_array_task_and_a_resubmission_reruns_only_that_shard(slurm_cluster_2nodes, tmp_path,
+                                                                                   tiny_policy, one_round_reference):
+    """n2 is lost (its slurmd and every process in it SIGKILLed) while a generate task runs there, with
+    launcher.requeue=false: the task ends NODE_FAIL, the chain after it is cancelled, the task on n1 completes, and
+    submitting again (n2 back) runs only the lost shard; the round equals a local run's."""
+    import time
+
+    from conftest import ONE_ROUND, assert_same_round, fault_hold, tiny_overrides
+    from slurm_harness import SMALL_JOBS, submit_run
+
+    cluster = slurm_cluster_2nodes
+    env, trace, release = fault_hold(tmp_path, "r00/generate/window#1")
+    # 2 CPUs per generate task: one task per node.
+    overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "lost"), *ONE_ROUND, *SMALL_JOBS, "launcher.generate.shards=2",
+                 "launcher.generate.cpus_per_task=2", "launcher.requeue=false"]
+    jobs = submit_run(cluster, env, *overrides)
+    ids = [job["id"] for job in jobs]
+    generate = next(job["id"] for job in jobs if job["name"] == "r00-generate")
+    deadline = time.monotonic() + 300
+    while len(placed := running_tasks(cluster, generate)) < 2 or not trace.exists() or (
+            trace.read_text().splitlines().count("r00/generate/window") < 2):
+        assert time.monotonic() < deadline, f"both tasks never held after a window: {placed}"
+        time.sleep(0.2)
+    assert sorted(placed.values()) == ["n1", "n2"], placed
+    lost = next(task for task, node in placed.items() if node == "n2")
+    kept = next(task for task, node in placed.items() if node == "n1")
+    cluster.kill_node("n2")
+    release.touch()
+    try:
+        cluster.wait(ids, timeout=300)  # slurmctld declares n2 down after SlurmdTimeout (30 s)
+        states = cluster.states(ids)
+    finally:
+        cluster.start_node("n2")
+    assert states[lost] == "NODE_FAIL" and states[kept] == "COMPLETED", states
+    after = ids[ids.index(generate) + 1:]
+    assert after and all(states[i] == "CANCELLED" for i in after), states  # the chain stopped there
+    run_dir = tmp_path / "lost"
+    shard = lost.split("_")[1]
+    assert (run_dir / "round_00" / "shards" / "generate" / f"part-0000{1 - int(shard)}-of-00002.done.json").exists()
+
+    again = submit_run(cluster, {}, *overrides)
+    assert again[0]["name"] == "r00-generate" and again[0]["array"] == shard, again  # only the lost shard
+    ids = [job["id"] for job in again]
+    cluster.wait(ids, timeout=600)
+    states = cluster.states(ids)
+    assert states == dict.fromkeys([f"{ids[0]}_{shard}", *ids[1:]], "COMPLETED"), states
+    log = "\n".join(p.read_text() for p in (run_dir / "slurm" / "logs").glob(f"*{ids[0]}_{shard}.out"))
+    # the lost task's first window was checkpointed on the shared file system before n2 went
+    assert f"round 0 generate {shard}/2: 1 of 3 windows were checkpointed by an earlier attempt" in log, log[-2000:]
+    assert_same_round(run_dir, one_round_reference, 0)
+
+
+def test_ddp_across_two_nodes_matches_one_process(slurm_cluster_2nodes, tmp_path, tiny_policy):
+    """`selfplay submit` of a round whose train job has 2 nodes (trainer.distributed=ddp, one gloo process per
+    node, `srun` + accelerate): the ranks run on n1 and n2, and the update equals one process's on the same global
+    batch of 8 within test_distributed.py's rounding bound, and one node × 2 processes' bit for bit."""
+    import shutil
+
+    from conftest import run_cli, tiny_overrides
+    from slurm_harness import SMALL_JOBS, submit_run
+    from test_distributed import DATA, SGD, assert_ddp_update_matches
+
+    cluster = slurm_cluster_2nodes
+    common = [*tiny_overrides(tmp_path, tiny_policy, None, "ddp2"), *DATA, *SGD, "precision=fp32"]
+    ddp = ["trainer.distributed=ddp", "trainer.batch_size=4"]
+    out = run_cli("stage", "prompts,generate,score,pair,margin,select", "round=0", *common, *ddp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("single", "ddp-1node"):
+        shutil.copytree(tmp_path / "ddp2", tmp_path / name)
+    single = run_cli("stage", "train", "round=0", *common, "run_name=single", "trainer.batch_size=8")
+    assert single.returncode == 0, single.stderr[-3000:]
+    one_node = run_cli("stage", "train", "round=0", *common, *ddp, "run_name=ddp-1node", "trainer.num_processes=2")
+    assert one_node.returncode == 0, one_node.stderr[-3000:]
+
+    jobs = submit_run(cluster, {}, *common, *ddp, *SMALL_JOBS, "trainer.num_processes=1", "launcher.train.nodes=2",
+                      "launcher.train.cpus_per_task=2")
+    assert [job["name"] for job in jobs] == ["r00-train-to-eval"], jobs
+    cluster.wait([jobs[0]["id"]], timeout=900)
+    rdir = tmp_path / "ddp2" / "round_00"
+    log = (rdir / "train.ranks.log").read_text() if (rdir / "train.ranks.log").exists() else ""
+    assert cluster.states([jobs[0]["id"]]) == {jobs[0]["id"]: "COMPLETED"}, log[-3000:]
+    stats = json.loads((rdir / "train.done.json").read_text())["stats"]
+    assert stats["world_size"] == 2 and stats["steps"] == 1 and stats["pairs"] == 8, stats
+    job_log = next((tmp_path / "ddp2" / "slurm" / "logs").glob("*.out")).read_text()
+    assert "train: ddp on 2 node(s) × 1 process(es)" in job_log and "srun --nodes 2" in job_log, job_log[-3000:]
+    hosts = sorted(set(re.findall(r"selfplay train rank \d+ of 2 on (\S+)", log)))
+    assert hosts == ["n1", "n2"], log[-3000:]
+    assert_ddp_update_matches(rdir / "policy", tmp_path / "single" / "round_00" / "policy", tiny_policy, "fp32",
+                              "ddp on 2 nodes")
+    from safetensors.torch import load_file
+
+    ours = load_file(rdir / "policy" / "model.safetensors")
+    theirs = load_file(tmp_path / "ddp-1node" / "round_00" / "policy" / "model.safetensors")
+    assert all((ours[k] == theirs[k]).all() for k in theirs)  # the same 2 ranks, on one machine or two
