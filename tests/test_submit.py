@@ -42,7 +42,7 @@ def test_dry_run_prints_a_readable_chain_and_submits_nothing(tmp_path):
                  "ray_cluster.sh",  # two nodes: a Ray cluster across them for the engines
                  # pre-emption on by default: SIGUSR1 120 s before the limit, passed on to the stage; requeue on 75
                  "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "selfplay_step \"$SELFPLAY_PYTHON\" -m selfplay.cli",
-                 'scontrol requeue "$SLURM_JOB_ID"', "trap "):
+                 'scontrol requeue "$job"', "trap "):
         assert line in generate, line
     off = run_cli("submit", "--dry-run", f"output_root={tmp_path}", "launcher.requeue=false", "launcher.signal=null")
     assert off.returncode == 0 and "#SBATCH --no-requeue" in off.stdout and "--signal" not in off.stdout
