@@ -88,16 +88,15 @@ def fault_hold(tmp_path: Path, label: str) -> tuple[dict[str, str], Path, Path]:
     return {"SELFPLAY_FAULT_TRACE": str(trace), "SELFPLAY_FAULT_HOLD": f"{label}@{release}"}, trace, release
 
 
-def wait_for_crossing(trace: Path, label: str, proc: subprocess.Popen | None = None, timeout: float = 300,
-                      count: int = 1) -> None:
-    """Until the fault trace shows `label` (`point#K`) crossed by `count` processes (each now holds there)."""
+def wait_for_crossing(trace: Path, label: str, proc: subprocess.Popen | None = None, timeout: float = 300) -> None:
+    """Until the fault trace shows `label` (`point#K`) crossed (the process now holds there)."""
     import time
 
     name, k = label.split("#")
     deadline = time.monotonic() + timeout
-    while not trace.exists() or trace.read_text().splitlines().count(name) < int(k) * count:
+    while not trace.exists() or trace.read_text().splitlines().count(name) < int(k):
         assert proc is None or proc.poll() is None, f"the run ended ({proc.returncode}) before crossing {label}"
-        assert time.monotonic() < deadline, f"{label} not crossed {count}× after {timeout} s"
+        assert time.monotonic() < deadline, f"{label} not crossed after {timeout} s"
         time.sleep(0.05)
 
 

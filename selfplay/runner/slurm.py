@@ -233,19 +233,18 @@ def preemption_shell(signal_option: str, requeue: bool) -> list[str]:
     sig, seconds = signal_option.split(":", 1)[1].split("@")
     code = preemption.EXIT_PREEMPTED
     # An array task's own id is ARRAYID_TASK: its SLURM_JOB_ID may be the array's, and requeueing that requeues all.
-    then = ('  local job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}\n'
-            '  echo "selfplay: stopped on SIG%s (finished work is kept); requeueing job ${job:=$SLURM_JOB_ID}"\n'
-            '  scontrol requeue "$job" || echo "selfplay: scontrol requeue failed; submit again to resume"'
-            if requeue else
-            '  echo "selfplay: stopped on SIG%s (finished work is kept); not requeued (launcher.requeue=false): '
-            'submit again to resume"') % sig
+    stopped = f'  echo "selfplay: stopped on SIG{sig} (finished work is kept); '
+    then = (['  local job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}',
+             stopped + 'requeueing job ${job:=$SLURM_JOB_ID}"',
+             '  scontrol requeue "$job" || echo "selfplay: scontrol requeue failed; submit again to resume"']
+            if requeue else [stopped + 'not requeued (launcher.requeue=false): submit again to resume"'])
     return [f"# Pre-emption (launcher.signal={signal_option}, launcher.requeue={str(requeue).lower()}): SLURM sends "
             f"SIG{sig} to this script",
             f"# about {seconds} s before the time limit; the trap passes it to the selfplay command running, which",
             f"# finishes its window or optimizer step, checkpoints and exits {code}; "
             + ("then the job requeues itself." if requeue else "the job then fails (no requeue)."),
             "selfplay_stopped() {",
-            *then.split("\n"),
+            *then,
             f"  exit {code}",
             "}",
             "selfplay_step() {",

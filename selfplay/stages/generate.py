@@ -80,8 +80,8 @@ def compute(ctx, shard: int, num_shards: int) -> Iterator[pd.DataFrame]:
         for w in windows:
             chunk = store.load(w)
             if chunk is None:
-                preemption.check(f"{label}: {sum(store.has(v) for v in windows)} of {len(windows)} windows "
-                                 "checkpointed")
+                # every earlier window of the shard was read back or saved: all are checkpointed
+                preemption.check(f"{label}: {w - windows.start} of {len(windows)} windows checkpointed")
                 if sampler is None:  # started only when some window is not checkpointed
                     sampler = stack.enter_context(build_sampler(cfg, ctx.policy_path(), ctx.device))
                 rows = prompts.iloc[w * window:min((w + 1) * window, hi)].reset_index(drop=True)
