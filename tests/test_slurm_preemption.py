@@ -84,6 +84,14 @@ def test_scontrol_requeue_mid_train_resumes_from_the_step_it_checkpointed(slurm_
     job = jobs[0]["id"]
     wait_for_crossing(trace, "r00/train/step#1", timeout=600)
     subprocess.run(["scontrol", "requeue", job], env=slurm_cluster.env, check=True)
+    # The hold ends on the stop signal itself. `release` is for the requeued attempt only (a new process crosses
+    # step#1 again), so it is touched once the first attempt has taken SIGTERM: touched at once, it could let the
+    # first attempt run on to step 2 before slurmd's signal arrived (seen on a fast processor: resumed from step 2).
+    logs = tmp_path / "requeue" / "slurm" / "logs"
+    deadline = time.monotonic() + 120
+    while "SIGTERM received" not in "".join(f.read_text() for f in logs.glob("*.out")):
+        assert time.monotonic() < deadline, "the first attempt never logged SIGTERM"
+        time.sleep(0.2)
     release.touch()
     slurm_cluster.wait([job], timeout=900)
     assert history(slurm_cluster, job) == ["REQUEUED", "COMPLETED"]
