@@ -98,6 +98,6 @@ def test_scontrol_requeue_mid_train_resumes_from_the_step_it_checkpointed(slurm_
     rdir = tmp_path / "requeue" / "round_00"
     stats = json.loads((rdir / "train.done.json").read_text())["stats"]
     assert stats["resumed_from_step"] == 1 and stats["steps"] > 1, stats
-    log = next((tmp_path / "requeue" / "slurm" / "logs").glob("*.out")).read_text()
+    log = next(logs.glob("*.out")).read_text()
     assert "SIGTERM received" in log and "round 0 train: resuming from" in log, log[-3000:]
     assert_same_round(tmp_path / "requeue", one_round_reference, 0)
