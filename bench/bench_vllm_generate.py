@@ -33,11 +33,11 @@ def bare(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from selfplay.backends.samplers.vllm import eos_token_ids, request_seed
-    from selfplay.backends.vllm_engine import EngineSpec, _cpu_shares, engine_env
+    from selfplay.backends.vllm_engine import EngineSpec, engine_cores, engine_env
     from selfplay.config import round_seed
 
     spec = EngineSpec(model=args.model, dtype="float32", max_model_len=2048, cpu_kv_cache_gb=args.kv_gb)
-    os.environ.update(engine_env(spec, _cpu_shares(1)[0]))
+    os.environ.update(engine_env(spec, engine_cores(0, 1, None)))
     started = time.time()
     from vllm import LLM, SamplingParams
 

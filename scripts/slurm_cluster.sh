@@ -14,9 +14,11 @@
 # NODES=1 (default): the node is this machine (its host name, 127.0.0.1). NODES>=2: node i is `n<i>`, a network
 # namespace with its own address on a private bridge (10.A.B.1 is the controller, 10.A.B.1<i> node i; the subnet is
 # one this machine does not use), its own host name (UTS namespace) and an /etc/hosts that names every node (bind-
-# mounted in its own mount namespace), running its own slurmd. Each node sees all of this machine's CPUs and memory,
-# and the file system is shared, as on a cluster with a shared home. Nodes talk to each other and to slurmctld over
-# the bridge only; DIR/nodes.txt lists "name address netns" per node.
+# mounted in its own mount namespace), running its own slurmd. Each node has its own share of this machine's cores
+# (its slurmd, and so every job step and Ray worker in it, runs under `taskset`; DIR/cores.txt lists "name cores"),
+# as separate machines would: two vLLM engines on two nodes then do not bind their threads to the same cores. Memory
+# is not split, and the file system is shared, as on a cluster with a shared home. Nodes talk to each other and to
+# slurmctld over the bridge only; DIR/nodes.txt lists "name address netns" per node.
 set -euo pipefail
 # Daemons and admin tools live in /usr/sbin, which a non-login shell's PATH may lack.
 export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH:-}"
@@ -116,7 +118,16 @@ start_network() {
   ip link set "spb$id" up
   printf '127.0.0.1 localhost\n%s.1 %s\n' "$net" "$(hostname -s)" >"$dir/hosts"
   : >"$dir/nodes.txt"
+  : >"$dir/cores.txt"
+  local cores per
+  read -r -a cores <<<"$(machine_cores)"
+  per=$(( ${#cores[@]} / nodes ))
   for i in $(seq "$nodes"); do
+    if (( per >= 1 )); then  # node i: the i-th block of cores; fewer cores than nodes: every node gets them all
+      echo "n$i $(IFS=,; echo "${cores[*]:$(( (i - 1) * per )):$per}")" >>"$dir/cores.txt"
+    else
+      echo "n$i $(IFS=,; echo "${cores[*]}")" >>"$dir/cores.txt"
+    fi
     ns="sp${id}n$i"
     ip netns add "$ns"
     ip link add "sp${id}v$i" type veth peer name eth0 netns "$ns"
@@ -130,12 +141,22 @@ start_network() {
   done
 }
 
-# slurmd of node $2 (its netns $3) under cluster DIR=$1: entered with nsenter, not `ip netns exec`, which remounts
-# /sys and leaves slurmd without the cgroup file system it probes at start.
+# The cores this process may run on, space-separated (its affinity, as taskset reports it).
+machine_cores() {
+  python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'
+}
+
+# The comma-separated cores of node $2 in cluster DIR=$1.
+node_cores() {
+  awk -v n="$2" '$1 == n {print $2}' "$1/cores.txt"
+}
+
+# slurmd of node $2 (its netns $3) under cluster DIR=$1, on the node's cores: entered with nsenter, not `ip netns
+# exec`, which remounts /sys and leaves slurmd without the cgroup file system it probes at start.
 start_node_slurmd() {
   local dir=$1 name=$2 ns=$3
   mkdir -p "$dir/spool/$name"
-  nsenter --net="/run/netns/$ns" unshare --uts --mount sh -c \
+  taskset -c "$(node_cores "$dir" "$name")" nsenter --net="/run/netns/$ns" unshare --uts --mount sh -c \
     "hostname $name && mount --bind '$dir/hosts' /etc/hosts && exec slurmd -N $name"
 }
 
@@ -159,11 +180,12 @@ cmd_start() {
     node_names=$host
     node_lines="NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
   else
-    command -v ip >/dev/null && command -v nsenter >/dev/null && command -v unshare >/dev/null \
-      || die "a multi-node cluster needs ip (iproute2), nsenter and unshare (util-linux)"
+    command -v ip >/dev/null && command -v nsenter >/dev/null && command -v unshare >/dev/null && command -v taskset >/dev/null \
+      || die "a multi-node cluster needs ip (iproute2), nsenter, unshare and taskset (util-linux)"
     start_network "$dir" "$nodes"
     ctld_addr="$(awk '{print $2}' "$dir/network").1"
     node_names=$(awk '{print $1}' "$dir/nodes.txt" | paste -sd, -)
+    cpus=$(node_cores "$dir" n1 | tr ',' '\n' | wc -l)  # every node has the same number of cores
     node_lines=$(awk -v c="$cpus" -v m="$mem_mb" \
       '{print "NodeName=" $1 " NodeAddr=" $2 " CPUs=" c " RealMemory=" m " State=UNKNOWN"}' "$dir/nodes.txt")
   fi

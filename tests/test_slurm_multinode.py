@@ -21,6 +21,22 @@ def node_addresses(cluster) -> dict[str, str]:
     return {name: address for name, address, _ in rows}
 
 
+def node_cpus(cluster) -> int:
+    """CPUs of each node: its share of this machine's cores (scripts/slurm_cluster.sh writes them to cores.txt)."""
+    return len((cluster.dir / "cores.txt").read_text().splitlines()[0].split()[1].split(","))
+
+
+def local_threads() -> dict[str, str]:
+    """Environment giving a job on a node the torch thread count of a process on this whole machine. A node has only
+    its share of the cores, and torch sizes its thread pool to them; a matrix product split over fewer threads sums
+    in another order, so a job meant to equal a local run bit for bit must use the local run's count."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], capture_output=True,
+                         text=True, check=True)
+    return {"OMP_NUM_THREADS": out.stdout.strip()}
+
+
 def test_a_two_node_job_runs_one_step_on_each_node(slurm_cluster_2nodes, tmp_path):
     nodes = node_addresses(slurm_cluster_2nodes)
     assert sorted(nodes) == ["n1", "n2"]
@@ -88,9 +104,10 @@ def test_a_lost_node_fails_its_array_task_and_a_resubmission_reruns_only_that_sh
 
     cluster = slurm_cluster_2nodes
     env, trace, release = fault_hold(tmp_path, "r00/generate/window#1")
-    # 2 CPUs per generate task: one task per node.
+    env |= local_threads()
+    # a whole node's CPUs per generate task: one task per node
     overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "lost"), *ONE_ROUND, *SMALL_JOBS, "launcher.generate.shards=2",
-                 "launcher.generate.cpus_per_task=2", "launcher.requeue=false"]
+                 f"launcher.generate.cpus_per_task={node_cpus(cluster)}", "launcher.requeue=false"]
     jobs = submit_run(cluster, env, *overrides)
     ids = [job["id"] for job in jobs]
     generate = next(job["id"] for job in jobs if job["name"] == "r00-generate")
@@ -116,7 +133,7 @@ def test_a_lost_node_fails_its_array_task_and_a_resubmission_reruns_only_that_sh
     shard = lost.split("_")[1]
     assert (run_dir / "round_00" / "shards" / "generate" / f"part-0000{1 - int(shard)}-of-00002.done.json").exists()
 
-    again = submit_run(cluster, {}, *overrides)
+    again = submit_run(cluster, local_threads(), *overrides)
     assert again[0]["name"] == "r00-generate" and again[0]["array"] == shard, again  # only the lost shard
     ids = [job["id"] for job in again]
     cluster.wait(ids, timeout=600)
@@ -151,7 +168,7 @@ def test_ddp_across_two_nodes_matches_one_process(slurm_cluster_2nodes, tmp_path
     assert one_node.returncode == 0, one_node.stderr[-3000:]
 
     jobs = submit_run(cluster, {}, *common, *ddp, *SMALL_JOBS, "trainer.num_processes=1", "launcher.train.nodes=2",
-                      "launcher.train.cpus_per_task=2")
+                      f"launcher.train.cpus_per_task={node_cpus(cluster)}")
     assert [job["name"] for job in jobs] == ["r00-train-to-eval"], jobs
     cluster.wait([jobs[0]["id"]], timeout=900)
     rdir = tmp_path / "ddp2" / "round_00"
@@ -170,3 +187,43 @@ def test_ddp_across_two_nodes_matches_one_process(slurm_cluster_2nodes, tmp_path
     ours = load_file(rdir / "policy" / "model.safetensors")
     theirs = load_file(tmp_path / "ddp-1node" / "round_00" / "policy" / "model.safetensors")
     assert all((ours[k] == theirs[k]).all() for k in theirs)  # the same 2 ranks, on one machine or two
+
+
+@pytest.mark.vllm
+def test_two_vllm_engines_run_one_on_each_node_and_give_the_one_engine_generations(slurm_cluster_2nodes, tmp_path,
+                                                                                    vllm_policy):
+    """A 2-node job sources slurm/ray_cluster.sh and runs generate with sampler.num_engines=2 on that Ray cluster:
+    one engine per node (host names and addresses as each engine's actor reports them from Ray's runtime context),
+    each bound to its own node's core, and the generations equal a local one-engine run's byte for byte."""
+    import shutil
+
+    from conftest import run_cli, tiny_overrides
+
+    args = [*tiny_overrides(tmp_path, vllm_policy, None, "local"), "sampler=vllm", "sampler.batch_size=2",
+            "sampler.cpu_kv_cache_gb=1"]
+    local = run_cli("stage", "prompts,generate", "round=0", *args)
+    assert local.returncode == 0, local.stderr[-3000:]
+    shutil.copytree(tmp_path / "local", tmp_path / "multi")
+    stage = [sys.executable, "-m", "selfplay.cli", "stage", "generate", "round=0", "force=[generate]",
+             *[a for a in args if not a.startswith("run_name=")], "run_name=multi", "sampler.num_engines=2"]
+    script = tmp_path / "job.sh"
+    script.write_text(f"#!/bin/bash\nset -euo pipefail\nexport SELFPLAY_PYTHON={sys.executable}\n"
+                      f"export PYTHONPATH={Path(__file__).parent}\n"
+                      f"source {ROOT / 'slurm' / 'ray_cluster.sh'}\n"
+                      + " ".join(f"'{word}'" for word in stage) + ' "ray.address=$RAY_ADDRESS"\n')
+    cluster = slurm_cluster_2nodes
+    job = cluster.sbatch(["-N2", "--ntasks-per-node=1", f"--cpus-per-task={node_cpus(cluster)}",
+                          f"--chdir={tmp_path}", "--output=job.log", str(script)])
+    cluster.wait([job], timeout=600)
+    log = (tmp_path / "job.log").read_text()
+    assert cluster.states([job]) == {job: "COMPLETED"}, log[-3000:]
+    nodes = node_addresses(cluster)
+    assert "ray_cluster.sh: 2/2 node(s) joined" in log
+    placed = re.search(r"2 vLLM engine\(s\) for \S+ ready in [\d.]+s: (.*)", log)
+    assert placed, log[-3000:]
+    cores = dict(line.split() for line in (cluster.dir / "cores.txt").read_text().splitlines())
+    listed = {name: "[" + ", ".join(cores[name].split(",")) + "]" for name in cores}
+    assert placed.group(1) == (f"engine 0 on n1 ({nodes['n1']}) cores {listed['n1']}; "
+                               f"engine 1 on n2 ({nodes['n2']}) cores {listed['n2']}"), placed.group(1)
+    part = Path("round_00") / "generations" / "part-00000.parquet"
+    assert (tmp_path / "multi" / part).read_bytes() == (tmp_path / "local" / part).read_bytes()

@@ -173,7 +173,7 @@ def test_engines_are_torn_down_when_the_stage_ends(vllm_policy):
     spec = EngineSpec(model=str(vllm_policy), dtype="float32", cpu_kv_cache_gb=1)
     try:
         with EnginePool(spec, num_engines=1) as pool:
-            [pid] = pool.pids
+            [pid] = [seat["pid"] for seat in pool.placement]
             os.kill(pid, 0)  # alive while the pool is open
             [[(tokens, reason)]] = pool.map("generate", [[([1, 2, 3], 7)]], {"max_tokens": 4, "ignore_eos": True})
             assert len(tokens) == 4 and reason == "length"

