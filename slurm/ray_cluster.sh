@@ -5,7 +5,9 @@
 #   selfplay stage generate round=0 sampler=vllm ray.address="$RAY_ADDRESS"
 #
 # The batch script itself runs on the first node, next to the head. Each `ray start --block` is an srun step
-# that lives as long as the job; they end with it. Exports RAY_ADDRESS (head_ip:port).
+# that lives as long as the job; they end with it. Exports RAY_ADDRESS (head_ip:port). Ray's own output (what
+# `ray start` prints, and srun's word when those steps end with the job) goes to $RAY_CLUSTER_LOG, by default
+# ray-cluster-<job id>.log in the current directory, so that the job's log holds the job's own lines.
 set -euo pipefail
 
 nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))
@@ -30,10 +32,11 @@ gpus=${SLURM_GPUS_ON_NODE:-0}
 # When the job's script ends, stop Ray on this node: a head killed with its srun step leaves its address file
 # behind (/tmp/ray/ray_current_cluster), and later drivers on the node would try to join the dead cluster.
 trap '"$ray_bin" stop --force >/dev/null 2>&1 || true' EXIT
-echo "ray_cluster.sh: head $head_node ($RAY_ADDRESS), ${#nodes[@]} node(s)"
+ray_log=${RAY_CLUSTER_LOG:-ray-cluster-$SLURM_JOB_ID.log}
+echo "ray_cluster.sh: head $head_node ($RAY_ADDRESS), ${#nodes[@]} node(s); Ray's output in $ray_log"
 srun --nodes=1 --ntasks=1 -w "$head_node" --overlap \
   "$ray_bin" start --head --node-ip-address="$head_ip" --port="$port" \
-  --num-cpus="$cpus" --num-gpus="$gpus" --block --disable-usage-stats &
+  --num-cpus="$cpus" --num-gpus="$gpus" --block --disable-usage-stats >>"$ray_log" 2>&1 &
 # Wait for the head before the workers join it.
 for _ in $(seq 1 60); do
   (( $(alive_nodes) >= 1 )) && break
@@ -41,7 +44,8 @@ for _ in $(seq 1 60); do
 done
 if (( ${#nodes[@]} > 1 )); then
   srun --nodes=$(( ${#nodes[@]} - 1 )) --ntasks=$(( ${#nodes[@]} - 1 )) --ntasks-per-node=1 -x "$head_node" --overlap \
-    "$ray_bin" start --address="$RAY_ADDRESS" --num-cpus="$cpus" --num-gpus="$gpus" --block --disable-usage-stats &
+    "$ray_bin" start --address="$RAY_ADDRESS" --num-cpus="$cpus" --num-gpus="$gpus" --block --disable-usage-stats \
+    >>"$ray_log" 2>&1 &
 fi
 # Wait until every node has joined (the pipeline places engines as soon as it connects).
 for _ in $(seq 1 90); do

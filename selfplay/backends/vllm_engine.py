@@ -241,6 +241,25 @@ def _first_line(err: BaseException) -> str:
     return tail[-1] if tail else type(err).__name__
 
 
+# How long a dead engine's node may take to be declared dead by Ray's GCS (its health checks: 5 missed at 3 s apart).
+NODE_DEATH_WAIT_S = 60.0
+
+
+def _node_lost(node_id: str, wait_s: float) -> bool:
+    """Whether Ray declares node `node_id` dead within `wait_s` (an actor whose node went dies before the GCS has
+    noticed the node)."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = {n["NodeID"]: n["Alive"] for n in ray.nodes()}
+        if not nodes.get(node_id, False):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
+
+
 class EnginePool:
     """`num_engines` engines of one spec, each an actor in its own placement group; torn down on exit."""
 
@@ -355,17 +374,15 @@ class EnginePool:
         """One line for a failed chunk, naming the engine's node — and saying so when that node left the cluster."""
         import ray
 
-        where = ""
-        if engine < len(self.placement):
-            seat = self.placement[engine]
-            where = f" on {seat['host']} ({seat['node_ip']})"
-            gone = isinstance(err, ray.exceptions.RayActorError) and not any(
-                n["NodeID"] == seat["node_id"] and n["Alive"] for n in ray.nodes())
-            if gone:
-                return EngineError(f"vLLM engine {engine} was lost with its Ray node {seat['host']} "
-                                   f"({seat['node_ip']}) during chunk {index}; nothing of the window in hand was "
-                                   f"written, and re-running resumes after the last finished one")
-        return EngineError(f"vLLM engine {engine}{where} failed on chunk {index}: {_first_line(err)}")
+        if engine >= len(self.placement):
+            return EngineError(f"vLLM engine {engine} failed on chunk {index}: {_first_line(err)}")
+        seat = self.placement[engine]
+        where = f"{seat['host']} ({seat['node_ip']})"
+        if isinstance(err, ray.exceptions.RayActorError) and _node_lost(seat["node_id"], NODE_DEATH_WAIT_S):
+            return EngineError(f"vLLM engine {engine} was lost with its Ray node {where} during chunk {index}; "
+                               f"nothing of the window in hand was written, and re-running resumes after the last "
+                               f"finished one")
+        return EngineError(f"vLLM engine {engine} on {where} failed on chunk {index}: {_first_line(err)}")
 
     def close(self) -> None:
         """Kill the engines and free their placement groups (so the trainer gets the devices back)."""

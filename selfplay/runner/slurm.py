@@ -170,6 +170,14 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
 
+def _starts_engines(cfg: Any, job: Job) -> bool:
+    """Whether a stage of `job` runs vLLM engines (which a job of several nodes spreads over a Ray cluster)."""
+    stages = {stage for command in job.commands if command[0] == "stage" for stage in command[1].split(",")}
+    return bool(cfg.sampler.backend == "vllm" and stages & {"generate", "eval"}
+                or cfg.reward.backend == "vllm" and "score" in stages
+                or cfg.margin.backend == "vllm" and "margin" in stages)
+
+
 def render(job: Job, cfg: Any, run_dir: Path, overrides: list[str], python: str, workdir: Path) -> str:
     """The job's sbatch script."""
     launcher = cfg.launcher
@@ -212,8 +220,10 @@ def render(job: Job, cfg: Any, run_dir: Path, overrides: list[str], python: str,
             f"{res.nodes * per_node} processes ({res.nodes} node(s) × {per_node})"
             + (", one launcher per node through `srun --nodes "
                f"{res.nodes} --ntasks-per-node 1`, main address the job's first node" if res.nodes > 1 else "")))
-    if res.nodes > 1 and job.kind in shards.SHARDED_STAGES:
-        # Several nodes: a Ray cluster across them, joined by the stage's vLLM engines.
+    if res.nodes > 1 and _starts_engines(cfg, job):
+        # Several nodes: a Ray cluster across them, joined by the stages' vLLM engines.
+        # Ray's own output goes beside the job's log, not into it
+        lines.append(f'export RAY_CLUSTER_LOG={shlex.quote(str(logs))}/"$SLURM_JOB_NAME-$SLURM_JOB_ID.ray.log"')
         lines.append(f"source {shlex.quote(str(run_dir / 'slurm' / 'ray_cluster.sh'))}")
         lines.append('overrides+=("ray.address=\'$RAY_ADDRESS\'")')
     if launcher.signal:
@@ -345,7 +355,7 @@ def submit(argv: list[str], out: Any = sys.stdout) -> int:
         raise SelfplayError(f"selfplay submit: jobs of this run are still in the queue: {', '.join(active)}; "
                             "wait for them or scancel them, then submit again")
     (run_slurm / "logs").mkdir(parents=True, exist_ok=True)
-    if any(cfg.launcher[job.kind].nodes > 1 and job.kind in shards.SHARDED_STAGES for job in jobs):
+    if any(cfg.launcher[job.kind].nodes > 1 and _starts_engines(cfg, job) for job in jobs):
         shutil.copy2(slurm_dir() / "ray_cluster.sh", run_slurm / "ray_cluster.sh")
     submitted, previous = [], None
     for job, (path, text) in zip(jobs, scripts, strict=True):
