@@ -104,6 +104,10 @@ class SlurmCluster:
         return [(i, st) for a, i, st in (r for r in rows if len(r) == 3)
                 if a in wanted or i in wanted or _base_id(i) in wanted]
 
+    def active(self, job_ids: list[str]) -> bool:
+        """Whether squeue shows any of `job_ids` pending or running."""
+        return any(st in ACTIVE for _, st in self._listed({str(j) for j in job_ids}))
+
     def wait(self, job_ids: list[str], timeout: float = 120) -> None:
         """Until squeue shows none of `job_ids` (array job ids and task ids alike) pending or running."""
         wanted = {str(j) for j in job_ids}
