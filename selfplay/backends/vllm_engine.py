@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -168,9 +169,7 @@ class EngineActor:
         self.llm = LLM(**spec_.llm_kwargs())
 
     def ready(self) -> dict[str, Any]:
-        """Where the engine runs, as Ray and the OS see it (logged by the pool, kept in the stage's manifest)."""
-        import socket
-
+        """Where the engine runs, as Ray and the OS see it (logged by the pool)."""
         import ray
 
         context = ray.get_runtime_context()
