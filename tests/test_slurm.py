@@ -101,7 +101,7 @@ def test_ray_cluster_script_brings_up_ray_inside_an_allocation(slurm_cluster, tm
     script = tmp_path / "ray.sbatch"
     script.write_text(
         "#!/bin/bash\n#SBATCH --nodes=1\n#SBATCH --ntasks-per-node=1\n#SBATCH --cpus-per-task=1\n#SBATCH --mem=3G\n"
-        f"#SBATCH --output={tmp_path}/ray.log\nset -euo pipefail\nexport SELFPLAY_PYTHON={sys.executable}\n"
+        f"#SBATCH --output={tmp_path}/ray.log\n#SBATCH --chdir={tmp_path}\nset -euo pipefail\nexport SELFPLAY_PYTHON={sys.executable}\n"
         f"source {ROOT / 'slurm' / 'ray_cluster.sh'}\n"
         '"$SELFPLAY_PYTHON" -c \'import os, ray; ray.init(address=os.environ["RAY_ADDRESS"]); '
         f'print("alive", sum(n["Alive"] for n in ray.nodes()))\' > {tmp_path}/nodes.txt\n')
