@@ -108,10 +108,9 @@ def engine_cores(slot: int, count: int, cpus: int | None) -> list[int]:
 
 @dataclass(frozen=True)
 class EngineSeat:
-    """Where one CPU engine runs: a Ray node (its address and host name) and its share of that node's CPUs."""
+    """Where one CPU engine runs: a Ray node (its address) and its share of that node's CPUs."""
 
     node_ip: str
-    hostname: str
     slot: int  # this engine's index among the node's engines
     count: int  # engines on the node
     cpus: int  # Ray CPUs the engine reserves
@@ -138,8 +137,7 @@ def plan_cpu_engines(nodes: list[dict[str, Any]], num_engines: int) -> list[Engi
                               f"{len(alive)} node(s) ({node['NodeManagerHostname']}: "
                               f"{int(node['Resources']['CPU'])}), one engine per CPU at most")
         for slot, engine in enumerate(engines):
-            seats[engine] = EngineSeat(node["NodeManagerAddress"], node.get("NodeManagerHostname", ""), slot,
-                                       len(engines), cpus)
+            seats[engine] = EngineSeat(node["NodeManagerAddress"], slot, len(engines), cpus)
     return [seats[i] for i in range(num_engines)]
 
 
@@ -148,8 +146,7 @@ class EngineActor:
 
     def __init__(self, spec: dict[str, Any], seat: EngineSeat | None):
         spec_ = EngineSpec(**spec)
-        self.cpu_ids = engine_cores(seat.slot, seat.count, seat.cpus) if seat is not None else None
-        cpu_ids = self.cpu_ids
+        self.cpu_ids = cpu_ids = engine_cores(seat.slot, seat.count, seat.cpus) if seat is not None else None
         with contextlib.suppress(OSError):  # back to normal priority where allowed (a cluster started at nice 15)
             os.setpriority(os.PRIO_PROCESS, 0, 0)
         for key, value in engine_env(spec_, cpu_ids).items():
