@@ -6,13 +6,23 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from selfplay.backends.precision import cpu_bf16_unit, engine_dtype, native_bf16, resolve, stage_bf16, train_bf16
+from selfplay.backends.precision import (
+    cpu_bf16_unit,
+    cpu_class,
+    cpu_flags,
+    engine_dtype,
+    native_bf16,
+    resolve,
+    stage_bf16,
+    train_bf16,
+)
 from selfplay.config import ConfigError, conf_dir, register, validate
 from selfplay.rundir.manifest import diff_config
 
@@ -34,6 +44,22 @@ def test_cpu_bf16_units_are_read_from_the_processor_flags():
     assert cpu_bf16_unit({"avx2", "fma"}) is None
     assert native_bf16(torch.device("cpu"), {"avx2"}) == (False, "no AMX-BF16 or AVX512-BF16 on this CPU")
     print("this machine:", native_bf16(torch.device("cpu")))
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu avx2 amx_bf16 amx_tile avx512_bf16", "amx"),
+                                             ("avx2 avx512f avx512_bf16", "avx512bf16"), ("sse4_2 avx2 fma", "avx2"),
+                                             ("sse4_2", "other")])
+def test_processor_class_is_read_alike_by_python_and_by_ci(tmp_path, flags, expected):
+    """.ci/run names the class with scripts/cpu_class.sh (no Python needed); figures name it with cpu_class."""
+    import subprocess
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert cpu_class(cpu_flags(cpuinfo)) == expected
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cpu_class.sh"
+    shown = subprocess.run(["bash", str(script)], env={"SELFPLAY_CPUINFO": str(cpuinfo)}, capture_output=True,
+                           text=True, check=True)
+    assert shown.stdout.strip() == expected
 
 
 def test_auto_resolves_once_to_what_the_machine_has(caplog):

@@ -50,6 +50,14 @@ def cpu_bf16_unit(flags: set[str] | None = None) -> str | None:
     return next((name for flag, name in CPU_BF16_FLAGS if flag in flags), None)
 
 
+def cpu_class(flags: set[str] | None = None) -> str:
+    """The processor class recorded beside every measured figure: "amx", "avx512bf16", "avx2" or "other"
+    (scripts/cpu_class.sh reads the same flags for CI)."""
+    flags = cpu_flags() if flags is None else flags
+    return next((name for flag, name in (("amx_bf16", "amx"), ("avx512_bf16", "avx512bf16"), ("avx2", "avx2"))
+                 if flag in flags), "other")
+
+
 def native_bf16(device: Any, flags: set[str] | None = None) -> tuple[bool, str]:
     """Whether `device` computes bf16 matrix products natively, and what was found."""
     import torch
