@@ -20,37 +20,52 @@ export RAY_ADDRESS="$head_ip:$port"
 python_bin="${SELFPLAY_PYTHON:-python3}"
 ray_bin="$(dirname "$python_bin")/ray"
 [ -x "$ray_bin" ] || ray_bin=ray
-alive_nodes() {
-  "$python_bin" -c 'import ray, sys; ray.init(address=sys.argv[1], logging_level="ERROR")
-print(sum(n["Alive"] for n in ray.nodes()))' "$RAY_ADDRESS" 2>/dev/null || echo 0
+# Wait until the cluster at $RAY_ADDRESS has $1 live nodes, in one Python process (importing Ray costs seconds, so
+# it is not paid once per poll); prints how many joined, 0 when none answered within $2 seconds.
+wait_for_nodes() {
+  "$python_bin" - "$RAY_ADDRESS" "$1" "$2" 2>/dev/null <<'PY' || echo 0
+import sys, time
+import ray
+address, wanted, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+alive = 0
+while time.monotonic() < deadline:
+    try:
+        if not ray.is_initialized():
+            ray.init(address=address, logging_level="ERROR")
+        alive = sum(n["Alive"] for n in ray.nodes())
+    except Exception:  # the head is not up yet
+        pass
+    if alive >= wanted:
+        break
+    time.sleep(0.5)
+print(alive)
+PY
 }
 # Ray starts workers at nice 15; vLLM engines then lose their cores to other processes (see vllm_engine.py).
 export RAY_worker_niceness=0
 cpus=${SLURM_CPUS_PER_TASK:-1}
 gpus=${SLURM_GPUS_ON_NODE:-0}
 
-# When the job's script ends, stop Ray on this node: a head killed with its srun step leaves its address file
-# behind (/tmp/ray/ray_current_cluster), and later drivers on the node would try to join the dead cluster.
-trap '"$ray_bin" stop --force >/dev/null 2>&1 || true' EXIT
+# This job's Ray keeps everything it writes (sockets, logs, its address file) in a directory of its own, and only
+# its own processes are stopped when the job's script ends. `ray stop` would stop every Ray on the node: other jobs'
+# clusters and other users' drivers. Worker nodes' Ray ends with their srun step.
+ray_tmp=${RAY_CLUSTER_TMP:-/tmp/ray-job$SLURM_JOB_ID}
+trap 'pkill -KILL -f -- "$ray_tmp/" >/dev/null 2>&1 || true; rm -rf "$ray_tmp"' EXIT
 ray_log=${RAY_CLUSTER_LOG:-ray-cluster-$SLURM_JOB_ID.log}
 echo "ray_cluster.sh: head $head_node ($RAY_ADDRESS), ${#nodes[@]} node(s); Ray's output in $ray_log"
 srun --nodes=1 --ntasks=1 -w "$head_node" --overlap \
-  "$ray_bin" start --head --node-ip-address="$head_ip" --port="$port" \
+  "$ray_bin" start --head --node-ip-address="$head_ip" --port="$port" --temp-dir="$ray_tmp" \
   --num-cpus="$cpus" --num-gpus="$gpus" --block --disable-usage-stats >>"$ray_log" 2>&1 &
-# Wait for the head before the workers join it.
-for _ in $(seq 1 60); do
-  (( $(alive_nodes) >= 1 )) && break
-  sleep 2
+# The head is up once its GCS port accepts connections (a bash probe: no Python start per poll).
+for _ in $(seq 1 600); do
+  (exec 3<>"/dev/tcp/$head_ip/$port") 2>/dev/null && break
+  sleep 0.2
 done
 if (( ${#nodes[@]} > 1 )); then
   srun --nodes=$(( ${#nodes[@]} - 1 )) --ntasks=$(( ${#nodes[@]} - 1 )) --ntasks-per-node=1 -x "$head_node" --overlap \
-    "$ray_bin" start --address="$RAY_ADDRESS" --num-cpus="$cpus" --num-gpus="$gpus" --block --disable-usage-stats \
-    >>"$ray_log" 2>&1 &
+    "$ray_bin" start --address="$RAY_ADDRESS" --temp-dir="$ray_tmp" --num-cpus="$cpus" --num-gpus="$gpus" --block \
+    --disable-usage-stats >>"$ray_log" 2>&1 &
 fi
-# Wait until every node has joined (the pipeline places engines as soon as it connects).
-for _ in $(seq 1 90); do
-  joined=$(alive_nodes)
-  (( joined >= ${#nodes[@]} )) && break
-  sleep 2
-done
+# Every node joined before the pipeline connects: it places engines as soon as it does.
+joined=$(wait_for_nodes "${#nodes[@]}" 300)
 echo "ray_cluster.sh: ${joined:-?}/${#nodes[@]} node(s) joined"

@@ -38,8 +38,9 @@ def submit(cluster, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_a_cancelled_array_task_is_all_a_resubmission_reruns(slurm_cluster, tmp_path, tiny_policy, local_run):
+    # margin as a 2-task array too: a sharded stage other than generate, merged by the job after it, on a real cluster
     overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "cancel"), "rounds=1", *SMALL_BATCHES,
-                 *SMALL_JOBS, "launcher.generate.shards=2"]
+                 *SMALL_JOBS, "launcher.generate.shards=2", "launcher.margin.shards=2"]
     submit(slurm_cluster, *overrides)
     run_dir = tmp_path / "cancel"
     first = submitted_jobs(run_dir)
@@ -54,8 +55,10 @@ def test_a_cancelled_array_task_is_all_a_resubmission_reruns(slurm_cluster, tmp_
     slurm_cluster.wait(ids, timeout=600)
     states = slurm_cluster.states(ids)
     assert states[f"{generate}_0"] == "COMPLETED" and states[task] == "CANCELLED"
-    after = [job["id"] for job in first[first.index(next(j for j in first if j["id"] == generate)) + 1:]]
-    assert all(states[i] == "CANCELLED" for i in after), states  # the rest of the chain went with it
+    after = {job["id"] for job in first[first.index(next(j for j in first if j["id"] == generate)) + 1:]}
+    # the rest of the chain went with it (an array job that never started may be listed as 12 or as 12_[0-1])
+    rest = {job: state for job, state in states.items() if job.split("_")[0] in after}
+    assert {job.split("_")[0] for job in rest} == after and set(rest.values()) == {"CANCELLED"}, states
     shard_dir = run_dir / "round_00" / "shards" / "generate"
     kept = (shard_dir / "part-00000-of-00002.done.json").read_text()
     assert not (shard_dir / "part-00001-of-00002.done.json").exists()
@@ -66,7 +69,10 @@ def test_a_cancelled_array_task_is_all_a_resubmission_reruns(slurm_cluster, tmp_
     ids = [job["id"] for job in second]
     slurm_cluster.wait(ids, timeout=600)
     states = slurm_cluster.states(ids)
-    assert states == dict.fromkeys([f"{second[0]['id']}_1", *ids[1:]], "COMPLETED"), states
+    assert set(states.values()) == {"COMPLETED"} and f"{second[0]['id']}_1" in states, states
+    assert f"{second[0]['id']}_0" not in states, states  # shard 0 was not submitted again
+    margin = next(job for job in second if job["name"] == "r00-margin")
+    assert margin["array"] == "0-1" and {f"{margin['id']}_0", f"{margin['id']}_1"} <= set(states), (second, states)
     assert (shard_dir / "part-00000-of-00002.done.json").read_text() == kept  # shard 0 was not run again
     assert_same_round(run_dir, local_run, 0)
 
@@ -94,7 +100,9 @@ def test_hydra_sweep_runs_as_slurm_jobs(slurm_cluster, tmp_path, tiny_policy):
 def test_ray_cluster_script_brings_up_ray_inside_an_allocation(slurm_cluster, tmp_path):
     """slurm/ray_cluster.sh as a multi-node job sources it (here on the one node the test cluster has): the head
     starts through srun, RAY_ADDRESS is exported, and a driver joins it."""
+    import shutil
     import sys
+    import tempfile
 
     from conftest import ROOT
 
@@ -105,11 +113,28 @@ def test_ray_cluster_script_brings_up_ray_inside_an_allocation(slurm_cluster, tm
         f"source {ROOT / 'slurm' / 'ray_cluster.sh'}\n"
         '"$SELFPLAY_PYTHON" -c \'import os, ray; ray.init(address=os.environ["RAY_ADDRESS"]); '
         f'print("alive", sum(n["Alive"] for n in ray.nodes()))\' > {tmp_path}/nodes.txt\n')
-    job = slurm_cluster.sbatch([str(script)])
-    slurm_cluster.wait([job], timeout=300)
+    # Someone else's Ray on the node (another job's, a user's): started here with its own directory.
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    other = tempfile.mkdtemp(prefix="ray-other", dir="/tmp")
+    started = subprocess.run([*ray, "start", "--head", "--port=46479", "--num-cpus=1", "--include-dashboard=false",
+                              f"--temp-dir={other}", "--disable-usage-stats"], capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        others = subprocess.run(["pgrep", "-f", f"{other}/"], capture_output=True, text=True).stdout.split()
+        assert others
+        job = slurm_cluster.sbatch([str(script)])
+        slurm_cluster.wait([job], timeout=300)
+        still = subprocess.run(["pgrep", "-f", f"{other}/"], capture_output=True, text=True).stdout.split()
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", f"{other}/"])
+        shutil.rmtree(other, ignore_errors=True)
     log = (tmp_path / "ray.log").read_text() if (tmp_path / "ray.log").exists() else ""
     assert slurm_cluster.states([job]) == {job: "COMPLETED"}, log[-2000:]
     assert "1/1 node(s) joined" in log
     assert (tmp_path / "nodes.txt").read_text().split() == ["alive", "1"]
-    # Ray was stopped with the job: nothing left for a later driver on this node to join by mistake.
-    assert not Path("/tmp/ray/ray_current_cluster").exists()
+    # Ray was stopped with the job, its own processes only: nothing left for a later driver on this node to join by
+    # mistake (its address file went with its directory), and a Ray the job did not start is still running.
+    assert not Path(f"/tmp/ray-job{job}").exists()
+    left = subprocess.run(["pgrep", "-f", f"/tmp/ray-job{job}/"], capture_output=True, text=True)
+    assert left.stdout.split() == [], left.stdout
+    assert set(others) <= set(still), "the job's exit stopped a Ray it did not start"

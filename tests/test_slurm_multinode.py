@@ -231,7 +231,7 @@ def test_a_two_round_multinode_submit_survives_a_lost_ray_node_and_equals_the_lo
     overrides = [*tiny_overrides(tmp_path, vllm_policy, None, "multi"), *common, *SMALL_JOBS, "sampler.num_engines=2",
                  "trainer.num_processes=1", "launcher.requeue=false", "launcher.generate.shards=1",
                  "launcher.generate.nodes=2", f"launcher.generate.cpus_per_task={cpus}", "launcher.train.nodes=2",
-                 f"launcher.train.cpus_per_task={cpus}", "launcher.score.shards=2", "launcher.margin.shards=2"]
+                 f"launcher.train.cpus_per_task={cpus}", "launcher.score.shards=2"]
     env, trace, release = fault_hold(tmp_path, "r00/generate/window#1")
     jobs = submit_run(cluster, env | local_threads(), *overrides)
     ids = [job["id"] for job in jobs]
