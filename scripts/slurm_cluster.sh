@@ -26,6 +26,11 @@ export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:${PATH
 CLUSTER=selfplay
 DAEMONS=(slurmctld slurmd munged slurmdbd)
 
+# Commands run when this script exits, however it exits.
+AT_EXIT=()
+at_exit() { local c; for c in "${AT_EXIT[@]}"; do eval "$c"; done; }
+trap at_exit EXIT
+
 log() { echo "[slurm_cluster] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
@@ -42,7 +47,7 @@ cmd_install() {
   # Keep the package scripts from starting system-wide munge/MariaDB/Slurm (default ports and sockets): only our
   # private daemons should run. 101 = "action forbidden" for invoke-rc.d and deb-systemd-invoke.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
-    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    AT_EXIT+=("rm -f /usr/sbin/policy-rc.d")
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
     chmod 755 /usr/sbin/policy-rc.d
   fi
@@ -423,9 +428,25 @@ cmd_node_start() {
   log "node $name back in service"
 }
 
+# Installs and starts one at a time on this machine (two test processes may each start a cluster): apt and its
+# policy-rc.d guard are not for two at once, and a port picked free is only sure to stay free once its daemon has it.
+# A directory as the lock (mkdir is atomic), not flock: the daemons started under it would inherit a lock's fd.
+serialised() {
+  local lock=/tmp/selfplay-slurm-cluster.lock end=$((SECONDS + 900))
+  until mkdir "$lock" 2>/dev/null; do
+    holder=$(cat "$lock/pid" 2>/dev/null || true)
+    if [ -n "$holder" ] && ! kill -0 "$holder" 2>/dev/null; then rm -rf "$lock"; continue; fi  # its holder died
+    [ $SECONDS -lt $end ] || die "$lock: another slurm_cluster.sh install/start held it for 15 minutes"
+    sleep 0.5
+  done
+  echo $$ >"$lock/pid"
+  AT_EXIT+=("rm -rf $lock")
+  "$@"
+}
+
 case "${1:-}" in
-  install) cmd_install ;;
-  start) cmd_start "${2:-}" "${3:-1}" ;;
+  install) serialised cmd_install ;;
+  start) serialised cmd_start "${2:-}" "${3:-1}" ;;
   stop) cmd_stop "${2:-}" ;;
   node-kill) cmd_node_kill "${2:-}" "${3:-}" ;;
   node-start) cmd_node_start "${2:-}" "${3:-}" ;;

@@ -21,14 +21,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, TESTS, tiny_overrides
+from conftest import start_cli, tiny_overrides
 
 SEED = 20261126
 CHAINS = 3
@@ -40,16 +39,12 @@ EXTRA = ["sampler.batch_size=2", "sampler.sort_window_batches=1", "trainer.batch
 
 
 def _run(overrides: list[str], env: dict[str, str], timeout: float = 600) -> int:
-    full_env = {**os.environ, "PYTHONPATH": str(TESTS), **env}
-    proc = subprocess.Popen([sys.executable, "-m", "selfplay.cli", "run", *overrides], cwd=ROOT, env=full_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_cli("run", *overrides, env=env)
     return proc.wait(timeout=timeout)
 
 
 def _timed_run(overrides: list[str], delay: float) -> int:
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    proc = subprocess.Popen([sys.executable, "-m", "selfplay.cli", "run", *overrides], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_cli("run", *overrides)
     try:
         return proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:

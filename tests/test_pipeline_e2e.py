@@ -8,14 +8,12 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, TESTS, run_cli, tiny_overrides
+from conftest import run_cli, start_cli, tiny_overrides
 
 from selfplay.config import STAGES
 from selfplay.core.selection import zscore
@@ -178,9 +176,7 @@ def test_changed_config_for_a_finished_stage_is_refused(tiny_run):
 def test_kill_during_training_then_resume_keeps_generation_and_scoring(tmp_path, tiny_policy, tiny_reward_model):
     overrides = [*tiny_overrides(tmp_path, tiny_policy, tiny_reward_model, run_name="killed"), "rounds=1",
                  "trainer.epochs=40", "trainer.save_steps=10"]  # ~80 steps: long enough to be killed mid-training
-    env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    proc = subprocess.Popen([sys.executable, "-m", "selfplay.cli", "run", *overrides], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_cli("run", *overrides)
     rdir = tmp_path / "killed" / "round_00"
     deadline = time.time() + 600
     while not list(rdir.glob(".checkpoints/train/*/checkpoint-*/trainer_state.json")):

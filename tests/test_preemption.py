@@ -11,14 +11,11 @@ a real SLURM cluster (`--signal`, `scontrol requeue`): tests/test_slurm_preempti
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
-from conftest import ONE_ROUND, ROOT, TESTS, fault_hold, run_cli, tiny_overrides, wait_for_crossing
+from conftest import ONE_ROUND, fault_hold, run_cli, start_cli, tiny_overrides, wait_for_crossing
 
 STOPS = [
     ("generate", "r00/generate/window#2", signal.SIGUSR1,
@@ -42,9 +39,7 @@ def test_a_stop_signal_stops_the_stage_cleanly_and_the_same_command_resumes(tmp_
         shutil.rmtree(rdir / name) if (rdir / name).is_dir() else (rdir / name).unlink()
     overrides = ["stage", stage, "round=0", *tiny_overrides(tmp_path, tiny_policy, None, "run"), *ONE_ROUND]
     env, trace, release = fault_hold(tmp_path, label)
-    proc = subprocess.Popen([sys.executable, "-m", "selfplay.cli", *overrides], cwd=ROOT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(TESTS), **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = start_cli(*overrides, env=env)
     wait_for_crossing(trace, label, proc)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=300)

@@ -7,21 +7,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, TESTS, run_cli, tiny_overrides
+from conftest import run_cli, start_cli, tiny_overrides
 from test_faults import partial_files
 
 
-def _start(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    # A test run started in the background (`cmd &`, as CI may) inherits SIGINT ignored, and Python then installs
-    # no KeyboardInterrupt handler: give the child the default disposition a terminal's foreground job has.
-    return subprocess.Popen([sys.executable, "-m", "selfplay.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+def _start(*args: str):
+    # In its own session with SIGINT's default disposition, as a terminal's foreground job has (a test run started
+    # in the background, `cmd &`, as CI may, would otherwise pass SIGINT ignored on).
+    return start_cli(*args)
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
