@@ -41,6 +41,12 @@ while time.monotonic() < deadline:
 print(alive)
 PY
 }
+# The job's Ray accepts only this job's processes: a token of its own, in the environment that srun passes to every
+# step and that the pipeline inherits (Ray would otherwise use ~/.ray/auth_token where one exists, and no
+# authentication where none does, leaving the cluster open to anyone on the network).
+export RAY_AUTH_MODE=token
+RAY_AUTH_TOKEN="$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
+export RAY_AUTH_TOKEN
 # Ray starts workers at nice 15; vLLM engines then lose their cores to other processes (see vllm_engine.py).
 export RAY_worker_niceness=0
 cpus=${SLURM_CPUS_PER_TASK:-1}

@@ -214,7 +214,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster; silences the token warning
     # Ray starts workers at nice 15; an engine's OpenMP threads then lose their cores to every other process and
     # stall at each barrier (−6% tokens/s on 2 cores). A cluster started with `ray start` needs the same variable.
     os.environ.setdefault("RAY_worker_niceness", "0")
@@ -224,6 +223,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         kwargs["address"] = address
     else:
         # "local": always a new private cluster — never one a `ray start` (or a killed job's) left on this machine.
+        # No token for it (Ray would otherwise write ~/.ray/auth_token and warn). A cluster joined by address keeps
+        # Ray's own choice: its token from RAY_AUTH_TOKEN (slurm/ray_cluster.sh) or from ~/.ray.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         kwargs.update(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False)
     try:
         ray.init(**kwargs)
