@@ -32,6 +32,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 # Imported once by the server: what a run imports before its first stage does any work.
@@ -48,9 +49,10 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
 
 
-def _run_child(request: dict) -> None:
-    """In the forked child: become the command. Never returns."""
-    code = 1
+def _run_child(request: dict) -> NoReturn:
+    """In the forked child: become the command. It returns or raises out of `serve` to the interpreter's top level,
+    which exits as `python -m selfplay.cli` would: the exit status, a traceback for an uncaught exception, and the
+    interpreter's exit handlers (Ray's shutdown, temp directories)."""
     try:
         os.setsid()
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD, signal.SIGHUP):
@@ -71,24 +73,10 @@ def _run_child(request: dict) -> None:
             os.close(target)
         sys.argv = ["selfplay", *request["argv"]]
         from selfplay.cli import main
-
-        try:
-            code = main(request["argv"])
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        except BaseException:  # noqa: BLE001 (what the interpreter would print, and its exit status)
-            traceback.print_exc()
-            code = 1
-        import atexit
-
-        atexit._run_exitfuncs()  # what the interpreter runs at exit (Ray's shutdown, temp directories)
-    except BaseException:  # noqa: BLE001
+    except BaseException:  # noqa: BLE001 (the command never started: say why, exit 1)
         traceback.print_exc()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code if isinstance(code, int) else 1)
+        os._exit(1)
+    sys.exit(main(request["argv"]))
 
 
 def serve(address: str) -> None:

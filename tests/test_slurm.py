@@ -38,9 +38,9 @@ def submit(cluster, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_a_cancelled_array_task_is_all_a_resubmission_reruns(slurm_cluster, tmp_path, tiny_policy, local_run):
-    # margin as a 2-task array too: a sharded stage other than generate, merged by the job after it, on a real cluster
+    # score and margin as 2-task arrays too: every sharded stage as an array, each merged by the job after it
     overrides = [*tiny_overrides(tmp_path, tiny_policy, None, "cancel"), "rounds=1", *SMALL_BATCHES,
-                 *SMALL_JOBS, "launcher.generate.shards=2", "launcher.margin.shards=2"]
+                 *SMALL_JOBS, "launcher.generate.shards=2", "launcher.score.shards=2", "launcher.margin.shards=2"]
     submit(slurm_cluster, *overrides)
     run_dir = tmp_path / "cancel"
     first = submitted_jobs(run_dir)
@@ -71,8 +71,9 @@ def test_a_cancelled_array_task_is_all_a_resubmission_reruns(slurm_cluster, tmp_
     states = slurm_cluster.states(ids)
     assert set(states.values()) == {"COMPLETED"} and f"{second[0]['id']}_1" in states, states
     assert f"{second[0]['id']}_0" not in states, states  # shard 0 was not submitted again
-    margin = next(job for job in second if job["name"] == "r00-margin")
-    assert margin["array"] == "0-1" and {f"{margin['id']}_0", f"{margin['id']}_1"} <= set(states), (second, states)
+    for stage in ("score", "margin"):
+        array = next(job for job in second if job["name"] == f"r00-{stage}")
+        assert array["array"] == "0-1" and {f"{array['id']}_0", f"{array['id']}_1"} <= set(states), (second, states)
     assert (shard_dir / "part-00000-of-00002.done.json").read_text() == kept  # shard 0 was not run again
     assert_same_round(run_dir, local_run, 0)
 
