@@ -228,7 +228,7 @@ def _select(args: list[str]) -> int:
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose("config", overrides=args[2:])
-        validate(cfg)
+        validate(cfg, offline=True)
         resolve_precision(cfg)
         OmegaConf.set_readonly(cfg, True)
         counts = select_dataset(cfg, Path(args[0]), Path(args[1]))

@@ -334,8 +334,9 @@ class SelectionConfig:
 
 
 
-def check_selection(cfg: Any) -> None:
-    """selection.*: a weight, a budget, and a budget the pool can meet."""
+def check_selection(cfg: Any, offline: bool = False) -> None:
+    """selection.*: a weight, a budget, and a budget the pool can meet (a self-play round's pool; `selfplay select`
+    selects from a dataset of any size: offline)."""
     sel = cfg.selection
     _require(sel.weight == "auto" or (isinstance(sel.weight, (int, float)) and not isinstance(sel.weight, bool)
                                       and sel.weight >= 0), "selection.weight",
@@ -343,7 +344,7 @@ def check_selection(cfg: Any) -> None:
     if sel.metric != "all":
         _require(sel.top_k is not None or sel.ratio is not None, "selection.top_k",
                  "set selection.top_k or selection.ratio (or selection.metric=all)")
-    if sel.top_k is not None:
+    if sel.top_k is not None and not offline:
         # A round's pool has at most one pair per prompt (n(n−1)/2 with pair.strategy=all): a larger top_k can never
         # be met.
         per_prompt = cfg.sampler.n * (cfg.sampler.n - 1) // 2 if cfg.pair.strategy == "all" else 1
@@ -602,16 +603,17 @@ def _require(ok: bool, option: str, message: str) -> None:
         raise ConfigError(f"{option}: {message}")
 
 
-def validate(cfg: Any) -> None:
+def validate(cfg: Any, offline: bool = False) -> None:
     """Every option's declared check (`option(...)` beside its field), then each group's rules across fields
-    (`check_<group>`, beside its dataclass); raises ConfigError naming the option."""
+    (`check_<group>`, beside its dataclass); raises ConfigError naming the option. offline: for `selfplay select`,
+    whose pool is the input dataset, not a round's samples."""
     problems = option_problems(cfg)
     if problems:
         raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more: {'; '.join(problems[1:4])})"
                                          if len(problems) > 1 else ""))
-    for check in (check_run, check_prompts, check_sampler, check_reward, check_selection, check_trainer, check_eval,
-                  check_compare):
+    for check in (check_run, check_prompts, check_sampler, check_reward, check_trainer, check_eval, check_compare):
         check(cfg)
+    check_selection(cfg, offline)
     validate_launcher(cfg.launcher)
 
 

@@ -1,5 +1,7 @@
 """Every shipped config composes against the schema; typos and impossible values fail naming the option."""
 
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +30,15 @@ def group_options(group):
 def test_every_experiment_preset_composes_and_validates(experiment):
     cfg = composed(f"experiment={experiment}")
     assert cfg.experiment == experiment
-    if experiment != "paper_selfplay":  # needs a user model and RM
-        validate(cfg)
+    validate(cfg)
+
+
+def test_paper_selfplay_preset_does_what_it_says():
+    """One pair per prompt (the best and the worst of N=5 at T=0.8, top-p 0.95), MAP with w=2.5 keeping 40%."""
+    cfg = composed("experiment=paper_selfplay")
+    assert (cfg.pair.strategy, cfg.sampler.n, cfg.sampler.temperature, cfg.sampler.top_p) == ("best_worst", 5, 0.8, 0.95)
+    assert (cfg.selection.metric, cfg.selection.weight) == ("map", 2.5)
+    assert cfg.selection.top_k / cfg.prompts.per_round == 0.4
 
 
 @pytest.mark.parametrize("group", ["sampler", "selection", "trainer"])
@@ -201,3 +210,46 @@ def test_numeric_and_choice_options_all_declare_a_check():
 
     walk(Config)
     assert missing == []
+
+
+# --- every command the documentation shows composes and validates ---------------------------------------------------
+
+DOCS = [Path(__file__).resolve().parents[1] / "README.md", *sorted((CONF.parent / "docs").glob("*.md"))]
+PLACEHOLDER = re.compile(r"…|\$|<|^(R|i|n|NAME)$")  # round=R, shard=i, num_shards=n, model.path=…
+
+
+def documented_commands():
+    """(where, overrides) for every `selfplay run|stage|submit|select …` line of README.md and docs/*.md: in code
+    blocks, continuation lines joined, comments cut. Placeholder values (`round=R`, `model.path=/models/…`) are
+    left out, and so are Hydra's own options (`hydra/launcher=…`) and the generic `key=a,b`."""
+    found = []
+    for doc in DOCS:
+        text = re.sub(r"\\\n\s*", " ", doc.read_text())
+        for n, line in enumerate(text.splitlines(), 1):
+            for match in re.finditer(r"(?:^|[`$]\s*)(selfplay (?:run|stage \S+|submit|select \S+ \S+)(?: [^`#|]*)?)", line):
+                try:
+                    words = shlex.split(match.group(1))
+                except ValueError:
+                    continue
+                overrides = [w for w in words[2:] if "=" in w and not w.startswith("-")
+                             and not w.startswith(("hydra/", "hydra.", "key=")) and not PLACEHOLDER.search(w.split("=", 1)[1])]
+                found.append((f"{doc.name}:{n}", words[1], tuple(overrides)))
+    return found
+
+
+def test_the_docs_show_commands_to_check():
+    commands = documented_commands()
+    assert len(commands) >= 30, commands  # the parser still finds the documented commands
+    assert any(o == ("selection=real",) for _, _, o in commands)
+
+
+@pytest.mark.parametrize(("where", "command", "overrides"), documented_commands(),
+                         ids=lambda v: v if isinstance(v, str) else " ".join(v) if isinstance(v, tuple) else None)
+def test_every_documented_command_composes_and_validates(where, command, overrides):
+    sweep = [o for o in overrides if "," in o.split("=", 1)[1] and not o.split("=", 1)[1].startswith("[")]
+    fixed = [o for o in overrides if o not in sweep]
+    for job in [fixed] + [fixed + [f"{o.split('=')[0]}={v}"] for o in sweep for v in o.split("=", 1)[1].split(",")]:
+        try:
+            validate(composed(*job), offline=command == "select")
+        except (ConfigError, ConfigCompositionException, ConfigKeyError) as err:
+            pytest.fail(f"{where}: `selfplay {command} {' '.join(job)}` does not compose: {err}")

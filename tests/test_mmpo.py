@@ -1,6 +1,6 @@
 """trainer=mmpo: MMPO's soft-label loss −p·log σ(βh) − (1−p)·log σ(−βh), p = σ(γ_m·Δex), on DPO's and SimPO's logits.
 
-The formula is written out here with logsigmoid; the trainers' losses are checked against it on fixed tensors and on
+The formula is torch's binary cross-entropy on logits (not the expression selfplay uses); the trainers' losses are checked against it on fixed tensors and on
 a real first training step of the tiny policy, where each pair's p must reach its own row of the loss."""
 
 from types import SimpleNamespace
@@ -11,7 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from torch.nn.functional import logsigmoid
+from torch.nn.functional import binary_cross_entropy_with_logits, logsigmoid
 
 from selfplay.backends.chat import prompt_messages, response_messages, training_tokens
 from selfplay.config import Config, ConfigError, conf_dir, register, validate
@@ -27,8 +27,9 @@ MAX_LENGTH = 256
 
 
 def formula(h, p, beta):
-    """MMPO per pair, from the paper: the cross-entropy of σ(βh) against the soft label p."""
-    return -p * logsigmoid(beta * h) - (1 - p) * logsigmoid(-beta * h)
+    """MMPO per pair, from the paper: the cross-entropy of σ(βh) against the soft label p — here torch's own
+    binary cross-entropy on logits, an implementation independent of selfplay's mmpo_loss."""
+    return binary_cross_entropy_with_logits(beta * h, p, reduction="none")
 
 
 def test_soft_labels_are_sigmoid_of_scaled_margin():
@@ -51,6 +52,8 @@ def test_mmpo_loss_on_dpo_logits_matches_formula():
     h = (CHOSEN - REF_CHOSEN) - (REJECTED - REF_REJECTED)
     expected = formula(h, P, beta)
     torch.testing.assert_close(mmpo_loss(h, P, beta), expected, rtol=1e-6, atol=1e-7)
+    # at h = 0 the loss is ln 2 whatever p is (σ(0) = ½ against any label)
+    torch.testing.assert_close(mmpo_loss(torch.zeros(4), P, beta), torch.full((4,), np.log(2.0)), rtol=0, atol=1e-7)
     # p matters: the hard label (plain DPO) gives another loss for every pair with p < 1
     assert (mmpo_loss(h, torch.ones(4), beta) - expected)[:3].abs().min() > 1e-3
 

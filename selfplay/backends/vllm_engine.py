@@ -1,7 +1,7 @@
 """vLLM engines as Ray actors: one engine per actor (the verl/OpenRLHF layout), data-parallel across actors.
 
-    with EnginePool(spec, num_engines=2, ray_cfg=cfg.ray) as pool:      # placement groups + actors, ready
-        results = pool.map("generate", chunks, params=..., count=len)   # chunks in, results in chunk order
+    with EnginePool(spec, num_engines=2, ray_address=None) as pool:     # placement groups + actors, ready
+        results = pool.map("generate", chunks, params, count=count)     # chunks in, results in chunk order
                                                                         # (actors killed: devices free again)
 
 The unit of work is a chunk: one engine processes it alone, from an empty prefix cache, with a seed per request.

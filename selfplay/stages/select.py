@@ -63,6 +63,11 @@ def select_pool(pairs: pd.DataFrame, cfg, seed: int, policy_path=None, device=No
         pairs = pairs.assign(real_similarity=pair_similarity(pairs, cfg, policy_path, device))
     return select(pairs, sel.metric, sel.weight, sel.top_k, sel.ratio, seed=seed, signed=sel.signed)
 
+# How the pair stage built each pair, by pair.strategy, for the dataset card.
+PAIRING = {"best_worst": "the highest- and lowest-reward",
+           "best_random": "the highest-reward and a seeded random lower-reward response",
+           "all": "two responses whose rewards differ, the higher one chosen, from every such pair"}
+
 
 def dataset_card(ctx, selected: pd.DataFrame, pool: int) -> str:
     """HF dataset-card text: YAML header (what `datasets` reads) and how the pairs were made."""
@@ -85,8 +90,8 @@ def dataset_card(ctx, selected: pd.DataFrame, pool: int) -> str:
         "configs:", "- config_name: default", "  data_files:", "  - split: train", "    path: selected.parquet",
         "---", "",
         f"# selfplay round {ctx.round}: selected preference pairs", "",
-        f"{len(selected)} preference pairs kept from a pool of {pool} by {how}. Each pair is the highest- and "
-        f"lowest-reward of {cfg.sampler.n} responses sampled (T={cfg.sampler.temperature}, top-p {cfg.sampler.top_p}) "
+        f"{len(selected)} preference pairs kept from a pool of {pool} by {how}. Each pair is {PAIRING[cfg.pair.strategy]} "
+        f"of {cfg.sampler.n} responses sampled (T={cfg.sampler.temperature}, top-p {cfg.sampler.top_p}) "
         f"from the policy π_{ctx.round} ({policy}), judged by `{judge}`.", "",
         "Columns: `prompt`, `chosen`, `rejected` in TRL's conversational preference format; `reward_chosen`, "
         "`reward_rejected`, `margin_explicit` (Δex), `margin_implicit` (Δim under π_r), the log-probabilities "
