@@ -59,6 +59,7 @@ def _app(cfg) -> None:
         validate(cfg)
         keys = [o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
         upgrade.pin_old_behaviour(cfg, run_dir, keys)  # a run begun by an older selfplay keeps its old defaults
+        upgrade.keep_settled_values(cfg, run_dir, keys)  # and the precision and sampler it began with
         precision.resolve(cfg)  # auto → bf16 or fp32 on this machine, before any manifest records it
         # the default vllm → hf where vLLM is not installed
         resolve_backend(cfg, chosen_by_user=bool({"sampler", "sampler.backend"} & set(keys)),

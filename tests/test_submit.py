@@ -128,6 +128,42 @@ def test_resubmission_leaves_out_what_is_complete_and_retries_only_missing_shard
     assert changed.returncode == 2 and "round_00/prompts already finished with a different config" in changed.stderr
 
 
+def test_a_run_continues_across_local_and_submit_with_what_it_ran(tmp_path, tiny_policy):
+    """precision=auto and the default sampler.backend=vllm are settled on the machine at start-up; a command
+    continuing a run keeps what its finished stages ran with, so local runs and `selfplay submit` (whose jobs may
+    run elsewhere) continue each other without a refusal when nothing that runs differs."""
+    import torch
+
+    from selfplay.backends.precision import native_bf16
+    from selfplay.runner.upgrade import keep_settled_values
+
+    here = "bf16" if native_bf16(torch.device("cpu"))[0] else "fp32"  # what precision=auto becomes on this machine
+    elsewhere = "fp32" if here == "bf16" else "bf16"
+    typed = [o for o in tiny_overrides(tmp_path, tiny_policy, None, "mixed") if not o.startswith("precision=")]
+    # A local run: auto settles to `here`; submit, on the same overrides, plans the rest instead of refusing.
+    local = run_cli("stage", "prompts,generate", "round=0", *typed)
+    assert local.returncode == 0, local.stderr[-2000:]
+    out = run_cli("submit", "--dry-run", *typed)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert next(iter(scripts_of(out.stdout))).startswith("r00-score")
+    # The reverse: a run whose stages ran on another machine (here: the other precision, as its job recorded it) is
+    # continued locally on the same overrides: generate is complete, not refused.
+    other = [o.replace("run_name=mixed", "run_name=elsewhere") for o in typed]
+    job = run_cli("stage", "prompts,generate", "round=0", *other, f"precision={elsewhere}")
+    assert job.returncode == 0, job.stderr[-2000:]
+    again = run_cli("stage", "generate", "round=0", *other)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"keeping precision='{elsewhere}'" in again.stderr and "already finished" not in again.stderr
+    # Typed on the command line, the option is not kept: the finished stage is refused, naming it.
+    refused = run_cli("stage", "generate", "round=0", *other, f"precision={here}")
+    assert refused.returncode == 2 and f"precision: '{elsewhere}' -> '{here}'" in refused.stderr
+    # sampler.backend: a run that sampled with the hf fallback keeps it (and its batch size) where vLLM is installed.
+    cfg = compose([o for o in typed if not o.startswith("sampler=")])
+    assert cfg.sampler.backend == "vllm"
+    pins = keep_settled_values(cfg, tmp_path / "mixed", ["model.path"])
+    assert (cfg.sampler.backend, cfg.sampler.batch_size) == ("hf", 16) and "sampler.backend='hf'" in pins
+
+
 def test_the_committed_multinode_example_is_what_submit_prints():
     """slurm/examples/llama8b_2node_dry_run.txt (linked from docs/slurm.md) stays true: its first line is the command."""
     import shlex

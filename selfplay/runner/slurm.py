@@ -322,6 +322,7 @@ def submit(argv: list[str], out: Any = sys.stdout) -> int:
     cfg = compose(overrides)
     run_dir = (Path(cfg.output_root) / cfg.run_name).resolve()
     upgrade.pin_old_behaviour(cfg, run_dir, [override_key(o) for o in overrides])  # as each job will
+    upgrade.keep_settled_values(cfg, run_dir, [override_key(o) for o in overrides])
     workdir = Path(cfg.launcher.workdir).absolute() if cfg.launcher.workdir else Path.cwd()
     python = str(Path(cfg.launcher.python or sys.executable).absolute())
     for path, what in ((run_dir, "run directory"), (workdir, "working directory")):

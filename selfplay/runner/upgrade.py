@@ -66,3 +66,45 @@ def pin_old_behaviour(cfg: DictConfig, run_dir: Path, command_line_keys: Iterabl
             log.info("%s was begun under an older selfplay: keeping %s=%r (the default now is %r; set %s=… on "
                      "the command line to change it)", run_dir, key, migration.before, mf.schema_default(key), key)
     return pins
+
+
+# Options whose composed value is settled on the machine at start-up: precision=auto (bf16 or fp32, by the device) and
+# the default sampler.backend=vllm (hf where vLLM is not installed). Manifests record what ran. A command continuing a
+# run keeps what its finished stages ran with, unless its command line sets the option, so `selfplay run` and
+# `selfplay submit` (whose jobs may run on other machines) compare what runs, not what was typed. Each entry: the
+# option, its unsettled value, and the options settled with it.
+SETTLED_AT_START: tuple[tuple[str, Any, tuple[str, ...]], ...] = (
+    ("precision", "auto", ()),
+    ("sampler.backend", "vllm", ("sampler.batch_size",)),  # the hf fallback takes hf's batch size
+)
+
+
+def _given(key: str, command_line_keys: set[str]) -> bool:
+    """The command line sets the key, or a group or node above it (`sampler=hf` sets sampler.backend)."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in command_line_keys for i in range(1, len(parts) + 1))
+
+
+def keep_settled_values(cfg: DictConfig, run_dir: Path, command_line_keys: Iterable[str]) -> list[str]:
+    """Set, in `cfg`, each option of SETTLED_AT_START still unsettled to what this run directory's latest finished
+    stage that records it ran with, unless the command line sets it. Returns `key=value` of each pin."""
+    given = set(command_line_keys)
+    pins: list[str] = []
+    finished: list[dict[str, Any]] | None = None
+    for key, unsettled, companions in SETTLED_AT_START:
+        if _given(key, given) or OmegaConf.select(cfg, key) != unsettled:
+            continue
+        if finished is None:
+            finished = sorted((m for m in _finished_manifests(run_dir) if isinstance(m.get("config"), dict)),
+                              key=lambda m: m.get("timings", {}).get("finished", 0))
+        recorded = [flat for flat in (mf.flatten(m["config"]) for m in finished) if key in flat]
+        if not recorded or recorded[-1][key] == unsettled:
+            continue
+        for name in (key, *companions):
+            if name in recorded[-1] and not _given(name, given):
+                OmegaConf.update(cfg, name, recorded[-1][name], merge=False)
+                pins.append(f"{name}={recorded[-1][name]!r}")
+    if pins:
+        log.info("%s: keeping %s, what its finished stages ran with (set the option on the command line to change it)",
+                 run_dir, ", ".join(pins))
+    return pins
