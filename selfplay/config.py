@@ -217,8 +217,9 @@ def check_prompts(cfg: Any) -> None:
 
 @dataclass
 class SamplerConfig:
-    # Backend: hf (transformers generate) | vllm (vLLM engines as Ray actors, data-parallel).
-    backend: str = option("hf", choices=SAMPLER_BACKENDS)
+    # Backend: vllm (vLLM engines as Ray actors, data-parallel; hf where vLLM is not installed, unless asked for by
+    # name) | hf (transformers generate; conf/sampler/hf.yaml).
+    backend: str = option("vllm", choices=SAMPLER_BACKENDS)
     # Samples per prompt (N).
     n: int = 4
     # Sampling temperature of the candidates.
@@ -228,8 +229,10 @@ class SamplerConfig:
     # Response length cap in tokens.
     max_new_tokens: int = option(96, ge=1)
     # Prompts per generate() call (hf), or per chunk an engine processes alone from a clean cache (vllm); each
-    # prompt carries n samples. vllm: outputs do not depend on num_engines because a chunk is the unit of work.
-    batch_size: int = option(16, ge=1)
+    # prompt carries n samples. vllm: outputs do not depend on num_engines because a chunk is the unit of work; an
+    # engine drains at the end of each chunk, so bigger chunks cost less (bench/results/vllm_generate_cpu.md) and
+    # smaller ones balance the last chunks across engines better. hf: 16 (conf/sampler/hf.yaml).
+    batch_size: int = option(256, ge=1)
     # hf: prompts are length-sorted within windows of this many batches (less padding); a shard of the generate
     # stage takes whole windows, so results do not depend on the shard count. Larger: closer to a global sort.
     sort_window_batches: int = option(16, ge=1)
@@ -368,10 +371,12 @@ class TrainerConfig:
     mmpo_logits: str = option("dpo", choices=MMPO_LOGITS)
     # SimPO's target reward margin when objective=mmpo and mmpo_logits=simpo (gamma is then γ_m).
     simpo_gamma: float = option(0.5, ge=0)
-    # Optimizer learning rate.
-    learning_rate: float = option(1e-5, gt=0)
+    # Optimizer learning rate. The default and epochs/warmup_ratio are sized for the embedded default on 2 CPU cores
+    # by the calibration sweep (bench/results/default_calibration/): two passes at lr 3e-5 and no warm-up (a 10%
+    # warm-up spent a 3-step round's first step at lr 0). For 8B models use lr ≈ 3e-7–5e-7 and warmup_ratio=0.1.
+    learning_rate: float = option(3e-5, gt=0)
     # Passes over the round's selected pairs.
-    epochs: int = option(1, ge=1)
+    epochs: int = option(2, ge=1)
     # Pairs per device per optimizer micro-step.
     batch_size: int = option(4, ge=1)
     # Micro-steps per optimizer step.
@@ -379,7 +384,7 @@ class TrainerConfig:
     # Truncation of prompt + completion in tokens (the margin stage applies the same).
     max_length: int = option(512, ge=16)
     # Linear warm-up fraction of the steps.
-    warmup_ratio: float = option(0.1, ge=0, lt=1)
+    warmup_ratio: float = option(0.0, ge=0, lt=1)
     # Transformers scheduler name.
     lr_scheduler_type: str = option("linear", choices=_scheduler_names)
     # DPO (and mmpo on dpo logits): take π_r's reference log-probs from the margin stage instead of a reference pass.

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from selfplay.config import ConfigError, conf_dir, register, validate
+from selfplay.rundir.manifest import flatten, schema_default
 
 CONF = conf_dir()
 register()
@@ -253,3 +255,27 @@ def test_every_documented_command_composes_and_validates(where, command, overrid
             validate(composed(*job), offline=command == "select")
         except (ConfigError, ConfigCompositionException, ConfigKeyError) as err:
             pytest.fail(f"{where}: `selfplay {command} {' '.join(job)}` does not compose: {err}")
+
+
+# --- one source of defaults: the dataclasses in selfplay/config.py; a group's YAML holds only what differs ----------
+
+PRESET_GROUPS = ("model", "sampler", "reward", "selection", "trainer", "launcher")
+
+
+@pytest.mark.parametrize("group", PRESET_GROUPS)
+def test_a_preset_sets_only_what_differs_from_the_declared_default(group):
+    for path in sorted((CONF / group).glob("*.yaml")):
+        text = path.read_text()
+        values = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        assert text.startswith(("#", "\n")) or text == "", f"{path.name}: say what the preset is for"
+        repeated = [k for k, v in flatten(values, f"{group}.").items() if v == schema_default(k)]
+        assert not repeated, f"{path.name} repeats declared defaults (selfplay/config.py): {repeated}"
+
+
+def test_the_composed_default_is_the_declared_default():
+    """Every option of the config `selfplay run` composes is the dataclass default: the default presets
+    (conf/config.yaml's defaults list) change nothing, so upgrades and the hf fallback, which read the dataclass
+    defaults, read what runs."""
+    differs = {k: (v, schema_default(k)) for k, v in flatten(OmegaConf.to_container(composed())).items()
+               if v != schema_default(k)}
+    assert not differs, differs

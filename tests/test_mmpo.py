@@ -111,6 +111,7 @@ def config(objective, **trainer):
     cfg.precision = "fp32"  # the formulas are checked to 1e-4..1e-6: fp32 arithmetic on every processor
     cfg.trainer.objective = objective
     cfg.trainer.batch_size = len(PAIRS)  # one step sees every pair
+    cfg.trainer.epochs = 1  # and there is one step
     cfg.trainer.max_length = MAX_LENGTH
     cfg.trainer.learning_rate = 1e-3
     cfg.trainer.save_steps = 0

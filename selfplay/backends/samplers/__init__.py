@@ -8,11 +8,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from selfplay.backends.precision import engine_dtype, stage_bf16
 from selfplay.backends.samplers.base import Completion, Sampler, SamplingSpec
 from selfplay.backends.samplers.hf import HFSampler
 from selfplay.backends.samplers.vllm import VLLMSampler
-from selfplay.config import SamplerConfig
+from selfplay.config import conf_dir
 from selfplay.errors import SelfplayError
 
 __all__ = ["Completion", "Sampler", "SamplingSpec", "build_sampler", "resolve_backend"]
@@ -33,10 +35,15 @@ def resolve_backend(cfg: Any, chosen_by_user: bool, batch_size_by_user: bool = F
                             "GPU: the vllm build for your CUDA torch); or choose sampler=hf")
     cfg.sampler.backend = "hf"
     if not batch_size_by_user:  # vllm's default chunk (256 prompts) is no batch for generate(); a user's value stays
-        cfg.sampler.batch_size = SamplerConfig.batch_size
+        cfg.sampler.batch_size = hf_preset().batch_size
     log.warning("vLLM is not installed here: sampling with sampler=hf (batch_size %d) instead of the default vllm",
                 cfg.sampler.batch_size)
     return "hf"
+
+
+def hf_preset() -> Any:
+    """conf/sampler/hf.yaml: the values `sampler=hf` sets, which the fallback to hf takes too."""
+    return OmegaConf.load(conf_dir() / "sampler" / "hf.yaml")
 
 
 def _hf_backend(cfg: Any, model_path: Any, device: Any) -> Sampler:
