@@ -259,9 +259,15 @@ def test_dpo_form_margin_and_training_against_a_configured_reference(tiny_run, t
     shutil.copytree(run_dir, copy / "tiny")
     base = [o for o in overrides if not o.startswith("output_root=")] + [f"output_root={copy}",
                                                                           f"model.reference={tiny_policy}"]
-    for stage, force in (("margin", ["force=[margin]"]), ("select", []), ("train", ["force=[train]"])):
-        proc = run_cli("stage", stage, "round=1", *base, *force)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    # A stage refuses to run on top of stages that finished with another config (check_upstream_configs): round 0's
+    # margin, select and train are redone with the reference first, then round 1's.
+    for r in (0, 1):
+        for stage, force in (("margin", ["force=[margin]"]), ("select", []), ("train", ["force=[train]"])):
+            proc = run_cli("stage", stage, f"round={r}", *base, *force)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+    refused = run_cli("stage", "eval", "round=0", *[o for o in base if not o.startswith("model.reference=")])
+    assert refused.returncode == 2 and re.search(r"round_00/eval reads round_00/(margin|train), which finished with a "
+                                                 r"different config:\n +model\.reference: ", refused.stderr)
     pairs = pd.read_parquet(copy / "tiny" / "round_01" / "pairs.parquet")
     # ρ(y) = β·(log π_1(y|x) − log π_ref(y|x)), summed over tokens; β = margin.beta = 0.1
     expected = 0.1 * ((pairs["logp_chosen_sum"] - pairs["ref_logp_chosen_sum"])

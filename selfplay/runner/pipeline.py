@@ -31,6 +31,7 @@ from selfplay.rundir import manifest as mf
 from selfplay.rundir.layout import round_dir, stage_scratch
 from selfplay.stages.base import (
     StageContext,
+    check_upstream_configs,
     config_view,
     input_fingerprints,
     stage_config_keys,
@@ -49,6 +50,7 @@ def run_stage(cfg: DictConfig, run_dir: Path, stage: str, r: int, forced: set[st
     rdir = round_dir(run_dir, r)
     config = config_view(cfg, stage_config_keys(module, cfg))
     inputs = input_fingerprints(cfg, run_dir, stage, r)
+    check_upstream_configs(cfg, run_dir, stage, r)
     force = stage in forced or "all" in forced
     label = f"round {r} {stage:<8}" if shard is None else f"round {r} {stage} shard {shard}/{num_shards}"
     decision = mf.decide(rdir, stage, config, inputs, force=force)

@@ -5,6 +5,7 @@ score or margin, has `compute(ctx, shard, num_shards)` and `merge(ctx, parts, st
 
     OUTPUTS              what it writes into the round directory (or OUTPUTS(round))
     CONFIG               the config keys its result depends on, recorded in its manifest (or CONFIG(cfg))
+    UNKEYED (optional)   keys it reads that never change its result (window_rows where only memory depends on it)
     requires(round, cfg) the upstream (round, stage) pairs whose outputs it reads
 
 The runner (selfplay/runner/pipeline.py) records CONFIG's view and the upstream manifests' fingerprints in each stage's
@@ -44,9 +45,39 @@ def stage_config_keys(module: Any, cfg: DictConfig) -> tuple[str, ...]:
     return tuple(module.CONFIG(cfg) if callable(module.CONFIG) else module.CONFIG)
 
 
+def stage_unkeyed_reads(module: Any) -> tuple[str, ...]:
+    """Config keys a stage reads that never change its result (how much it holds at once, not what it writes)."""
+    return tuple(getattr(module, "UNKEYED", ()))
+
+
 # Options that change how a stage works but never its result: left out of manifests, so changing them (or a run
 # begun before they existed) never refuses a resume.
 RESULT_NEUTRAL = ("trainer.save_steps",)
+
+# The options no stage declares, each with the reason its value is not part of any stage's cache key. Every other
+# option is declared by the stages whose results it decides (tests/test_stage_keys.py checks both, and records a
+# real run's config reads to prove no stage reads a key outside its own, its upstream stages' and these).
+NOT_CACHE_KEYS: dict[str, str] = {
+    "run_name": "where the run lives",
+    "output_root": "where the run lives",
+    "rounds": "how many rounds to run; a round's stages never read it",
+    "round": "which round one `selfplay stage` command runs",
+    "shard": "which shard one command computes; shards merge into the same result",
+    "num_shards": "how many shards; any count gives the single-process result (tests/test_shards.py)",
+    "force": "asks for a finished stage to be redone",
+    "experiment": "a preset's label; the options it sets are what count",
+    "compare": "experiment=compare: which runs to make; each run's stages record their own options",
+    "logger": "where metrics are also sent (tensorboard, wandb)",
+    "device": "where a stage computes; a run may move between machines (results agree within the numerics, the "
+              "precision is recorded)",
+    "model.path": "π_0: an input, recorded by its files' fingerprint (base_policy) rather than its path",
+    "sampler.num_engines": "how many engines share generation; any count gives the same responses",
+    "sampler.gpu_memory_utilization": "an engine's memory, not its responses",
+    "sampler.cpu_kv_cache_gb": "an engine's memory, not its responses",
+    "sampler.enforce_eager": "how an engine runs its graph, not what it samples",
+    "ray": "which Ray cluster runs the engines",
+    "launcher": "SLURM resources for `selfplay submit`",
+}
 
 
 def config_view(cfg: DictConfig, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -118,6 +149,35 @@ def input_fingerprints(cfg: DictConfig, run_dir: Path, stage: str, r: int, verif
         # The base policy is an input of round 0's stages that run it; later rounds inherit it through round 0.
         inputs["base_policy"] = policy_fingerprint(cfg)
     return inputs
+
+
+def upstream_stages(stage: str, r: int, cfg: DictConfig) -> set[tuple[int, str]]:
+    """Every (round, stage) whose outputs reach `stage` of round r, directly or through other stages."""
+    seen: set[tuple[int, str]] = set()
+    todo = list(stage_module(stage).requires(r, cfg))
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(stage_module(node[1]).requires(node[0], cfg))
+    return seen
+
+
+def check_upstream_configs(cfg: DictConfig, run_dir: Path, stage: str, r: int) -> None:
+    """Refuse to run (or reuse) a stage when any stage upstream of it finished with another config. A stage may read
+    the keys its upstream stages declare (the dataset card names the sampler's temperature): this check is what
+    keeps those reads covered when one stage runs on its own (`selfplay stage eval round=2`), where the upstream
+    stages are not run, hence not checked, first."""
+    for up_round, up_stage in sorted(upstream_stages(stage, r, cfg)):
+        manifest = mf.read_manifest(round_dir(run_dir, up_round), up_stage)
+        if manifest is None:
+            continue  # a missing direct input is input_fingerprints' to report
+        changed = mf.config_changes(manifest, config_view(cfg, stage_config_keys(stage_module(up_stage), cfg)))
+        if changed:
+            raise mf.StageConfigChanged(
+                f"{round_stage(r, stage)} reads {round_stage(up_round, up_stage)}, which finished with a different "
+                "config:\n  " + "\n  ".join(changed) + "\nRe-run with the old values to continue this run, or use "
+                "another run_name=… for a new run.")
 
 
 def policy_fingerprint(cfg: DictConfig) -> str:

@@ -21,6 +21,8 @@ from selfplay.config import round_seed
 from selfplay.rundir import tables
 
 OUTPUTS = ("candidate_pairs.parquet",)
+# Pairs are made per prompt, and a window holds whole prompts: its size bounds memory, not the pairs.
+UNKEYED = ("window_rows",)
 CONFIG = ("pair", "seed")
 
 

@@ -25,6 +25,8 @@ from selfplay.rundir import atomic, tables
 from selfplay.rundir.shards import shard_span
 
 OUTPUTS = ("scores",)
+# A reward function's scores do not depend on the window it is called on (a model's do: CONFIG adds it).
+UNKEYED = ("window_rows",)
 
 
 def CONFIG(cfg) -> tuple[str, ...]:  # noqa: N802 — the runner reads CONFIG from every stage

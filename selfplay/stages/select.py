@@ -41,6 +41,8 @@ from selfplay.stages.margin import compute_margins
 log = logging.getLogger("selfplay")
 
 OUTPUTS = ("selected.parquet", "README.md")
+# The ranked pairs are written window by window: the size bounds memory, not what is kept.
+UNKEYED = ("window_rows",)
 
 
 def CONFIG(cfg) -> tuple[str, ...]:  # noqa: N802 — the runner reads CONFIG from every stage
