@@ -1,6 +1,6 @@
 """The package's shape, read from its source (ast): imports run one way through the layers documented in
 docs/architecture.md, with no import circle; imports inside functions only for the optional heavy dependencies
-listed here; no function longer than MAX_FUNCTION_LINES outside a short, justified list.
+listed here; no function longer than MAX_FUNCTION_LINES.
 
 Deliberately adding an upward import (say `from selfplay.cli import main` in selfplay/core/selection.py) fails
 `test_imports_run_down_the_layers` with the file, the line and both layers."""

