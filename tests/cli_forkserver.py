@@ -201,16 +201,22 @@ class ForkServer:
     """One server per test process, started on first use and stopped with the process."""
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="selfplay-fork-", dir="/tmp"))
-        self._address = str(self.dir / "sock")
+        self.dir: Path | None = None  # made on first use: a process that never forks (xdist's controller) leaves none
         self._proc: subprocess.Popen | None = None
         self._count = 0
         self.refused: str | None = None
+
+    def directory(self) -> Path:
+        """This process's folder for the server's socket and the commands' output files (plain ones too)."""
+        if self.dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="selfplay-fork-", dir="/tmp"))
+        return self.dir
 
     def _ensure(self) -> bool:
         if self.refused is not None:
             return False
         if self._proc is None:
+            self._address = str(self.directory() / "sock")
             self._proc = subprocess.Popen([sys.executable, __file__, self._address], cwd=ROOT, stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=open(self.dir / "server.log", "w"))  # noqa: SIM115
             deadline = time.monotonic() + 300
@@ -244,9 +250,10 @@ class ForkServer:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
-        import shutil
+        if self.dir is not None:
+            import shutil
 
-        shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

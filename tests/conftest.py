@@ -152,7 +152,7 @@ def start_cli(*args: str, env: dict | None = None, text: bool = True):
     full_env = cli_env(env)
     command = FORK_SERVER.start(list(args), full_env, ROOT, text)
     if command is None:
-        command = PlainCommand(list(args), full_env, text, FORK_SERVER.dir)
+        command = PlainCommand(list(args), full_env, text, FORK_SERVER.directory())
     return command
 
 
