@@ -23,16 +23,23 @@ DATA = ["rounds=1", "prompts.per_round=12", "selection.top_k=8", "trainer.learni
 
 @pytest.fixture(scope="module")
 def selected_round(tmp_path_factory, tiny_policy):
-    """Round 0 up to `select`, run once; each test trains on a copy."""
-    root = tmp_path_factory.mktemp("dist")
-    overrides = [*tiny_overrides(root, tiny_policy, None, "base"), *DATA]
-    out = run_cli("stage", "prompts,generate,score,pair,margin,select", "round=0", *overrides)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return root, overrides
+    """Round 0 up to `select` at a precision, run once per precision; each test trains on a copy. (A train stage
+    refuses to run on stages that finished under another precision, as a whole run would.)"""
+    made = {}
+
+    def base(precision: str = "fp32"):
+        if precision not in made:
+            root = tmp_path_factory.mktemp(f"dist-{precision}")
+            overrides = [*tiny_overrides(root, tiny_policy, None, "base"), *DATA, f"precision={precision}"]
+            out = run_cli("stage", "prompts,generate,score,pair,margin,select", "round=0", *overrides)
+            assert out.returncode == 0, out.stderr[-3000:]
+            made[precision] = (root, overrides)
+        return made[precision]
+    return base
 
 
-def train_copy(selected_round, name: str, *extra: str):
-    root, overrides = selected_round
+def train_copy(selected_round, name: str, *extra: str, precision: str = "fp32"):
+    root, overrides = selected_round(precision)
     shutil.copytree(root / "base", root / name)
     out = run_cli("stage", "train", "round=0", *overrides, f"run_name={name}", *extra)
     return out, root / name / "round_00"
@@ -87,11 +94,11 @@ def assert_ddp_update_matches(ddp_policy, single_policy, base_policy, precision:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_ddp_on_two_gloo_processes_matches_one_process(selected_round, tiny_policy, precision):
-    extra = [*SGD, f"precision={precision}"]
-    single, single_dir = train_copy(selected_round, f"single-{precision}", "trainer.batch_size=8", *extra)
+    single, single_dir = train_copy(selected_round, f"single-{precision}", "trainer.batch_size=8", *SGD,
+                                    precision=precision)
     assert single.returncode == 0, single.stderr[-3000:]
     ddp, ddp_dir = train_copy(selected_round, f"ddp-{precision}", "trainer.batch_size=4", "trainer.distributed=ddp",
-                              "trainer.num_processes=2", *extra)
+                              "trainer.num_processes=2", *SGD, precision=precision)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "train: ddp on 1 node(s) × 2 process(es)" in ddp.stderr
     stats = json.loads((ddp_dir / "train.done.json").read_text())["stats"]
