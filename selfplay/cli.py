@@ -31,21 +31,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from selfplay.backends import precision
-from selfplay.backends.precision import resolve as resolve_precision
-from selfplay.backends.samplers import resolve_backend
 from selfplay.config import STAGES, conf_dir, run_name_problem, validate
 from selfplay.errors import SelfplayError
-from selfplay.reports.comparison import find_runs, is_comparison, write_comparison
-from selfplay.reports.run_report import rebuild
+from selfplay.reports.comparison import find_runs, is_comparison
 from selfplay.reports.status import format_status, run_status, status_json
 from selfplay.rundir import preemption
 from selfplay.rundir.shards import SHARDED_STAGES
-from selfplay.runner import compare, pipeline, runlock, sweeps, upgrade
-from selfplay.runner.offline import select_dataset
-from selfplay.runner.pipeline import preflight
-from selfplay.runner.slurm import submit
+from selfplay.runner import runlock, sweeps
 from selfplay.runner.sweeps import SWEPT_KEYS_ENV, is_sweep, sweep_jobs, sweep_runs, swept_keys
+
+# The commands that run stages import them (and through them torch, transformers, datasets) when they run: `selfplay
+# status`, `report` and `--help` start without them.
 
 log = logging.getLogger("selfplay")
 USAGE = __doc__
@@ -53,6 +49,10 @@ _task: dict[str, str | None] = {"command": None, "stage": None}
 
 
 def _app(cfg) -> None:
+    from selfplay.backends import precision
+    from selfplay.backends.samplers import resolve_backend
+    from selfplay.runner import compare, pipeline, upgrade
+
     logging.getLogger("selfplay").setLevel(logging.INFO)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -164,6 +164,8 @@ def _check_before_hydra(overrides: list[str], lock: bool = True, label: str = ""
         if not lock:  # a sweep's job: its own process checks its inputs and takes its directory's lock
             return None
         if _task["command"] == "run":  # the models, reward function and prompt files, before Hydra starts
+            from selfplay.runner.pipeline import preflight
+
             preflight(cfg)
             _task["preflight_done"] = "yes"
         if not any(o.lstrip("+~").startswith("hydra.run.dir=") for o in overrides):
@@ -224,6 +226,9 @@ def _select(args: list[str]) -> int:
         print("usage: selfplay select INPUT OUTPUT [overrides…]   (INPUT: preference pairs .parquet/.jsonl/.json/.csv)",
               file=sys.stderr)
         return 2
+    from selfplay.backends.precision import resolve as resolve_precision
+    from selfplay.runner.offline import select_dataset
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     sweeps.register()
     try:
@@ -249,6 +254,9 @@ def _select(args: list[str]) -> int:
 def _report(args: list[str]) -> int:
     """One run: its report.md and cards again. An experiment=compare directory: the comparison report. Several runs:
     a comparison of them (labelled by their selection and seed) in --out DIR."""
+    from selfplay.reports.comparison import write_comparison
+    from selfplay.reports.run_report import rebuild
+
     out = None
     if "--out" in args:
         i = args.index("--out")
@@ -312,6 +320,8 @@ def _main(argv: list[str] | None = None) -> int:
     if command == "status":
         return _status(rest)
     if command == "submit":
+        from selfplay.runner.slurm import submit
+
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         try:
             return submit(rest)
