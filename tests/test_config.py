@@ -279,3 +279,19 @@ def test_the_composed_default_is_the_declared_default():
     differs = {k: (v, schema_default(k)) for k, v in flatten(OmegaConf.to_container(composed())).items()
                if v != schema_default(k)}
     assert not differs, differs
+
+
+# Written in the docs on purpose though they are no option: typos shown being refused, and file names.
+NOT_OPTIONS = {"sampler.temprature", "trainer.betta", "model.safetensors", "compare.json", "eval.json"}
+
+
+def test_every_option_the_docs_name_exists():
+    """`group.key` (or `group.key=value`) in README.md and docs/*.md, for the config's own groups, names an option
+    or group of the composed config: a renamed or removed option cannot stay documented."""
+    flat = flatten(OmegaConf.to_container(composed()))
+    names = set(flat) | {".".join(k.split(".")[:i]) for k in flat for i in range(1, k.count(".") + 1)}
+    groups = {k.split(".")[0] for k in flat}
+    stale = [f"{doc.name}:{n} {m.group(1)}" for doc in DOCS for n, line in enumerate(doc.read_text().splitlines(), 1)
+             for m in re.finditer(r"`([a-z_]+(?:\.[a-z_0-9]+)+)(?:=[^`]*)?`", line)
+             if m.group(1).split(".")[0] in groups and m.group(1) not in names | NOT_OPTIONS]
+    assert len(names) > 100 and not stale, stale
