@@ -14,8 +14,10 @@ from omegaconf import OmegaConf
 from torch.nn.functional import binary_cross_entropy_with_logits, logsigmoid
 
 from selfplay.backends.chat import prompt_messages, response_messages, training_tokens
+from selfplay.backends.trl_trainers import mmpo_cpo_trainer_class
 from selfplay.config import Config, ConfigError, conf_dir, register, validate
-from selfplay.stages.train import _mmpo_cpo_trainer_class, build_trainer, mmpo_loss, soft_labels
+from selfplay.core.losses import mmpo_loss, soft_labels
+from selfplay.stages.train import build_trainer
 
 PAIRS = [
     ("Write a haiku about rain. Use no commas.", "Rain taps the window\nsoft and grey", "no."),
@@ -75,7 +77,7 @@ def test_mmpo_loss_on_simpo_logits_matches_formula():
     chosen_avg, rejected_avg = CHOSEN / torch.tensor([10, 20, 5, 30]), REJECTED / torch.tensor([12, 9, 6, 25])
     h = (chosen_avg - rejected_avg) - simpo_gamma / beta
     expected = formula(h, P, beta)
-    trainer = cpo_stub(_mmpo_cpo_trainer_class(), chosen_avg, rejected_avg, beta, simpo_gamma)
+    trainer = cpo_stub(mmpo_cpo_trainer_class(), chosen_avg, rejected_avg, beta, simpo_gamma)
     loss, _ = trainer.get_batch_loss_metrics(None, {"soft_label": P.tolist()})
     torch.testing.assert_close(loss, expected.mean(), rtol=1e-6, atol=1e-7)
     # the loss pairs each p with its own row: p in another order gives another loss
@@ -96,7 +98,7 @@ def test_hard_label_is_trl_simpo_loss():
     chosen_avg, rejected_avg = CHOSEN / 10, REJECTED / 10
     p = soft_labels([100.0] * 4, 1.0)  # σ(100) is 1.0 in float64
     assert (p == 1.0).all()
-    loss, _ = cpo_stub(_mmpo_cpo_trainer_class(), chosen_avg, rejected_avg, beta, simpo_gamma).get_batch_loss_metrics(
+    loss, _ = cpo_stub(mmpo_cpo_trainer_class(), chosen_avg, rejected_avg, beta, simpo_gamma).get_batch_loss_metrics(
         None, {"soft_label": p.tolist()})
     trl_losses, _, _ = CPOTrainer.cpo_loss(cpo_stub(CPOTrainer, chosen_avg, rejected_avg, beta, simpo_gamma),
                                            chosen_avg, rejected_avg)

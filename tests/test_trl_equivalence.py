@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from selfplay.backends import trl_private
 from selfplay.backends.batching import token_budget_batches
 from selfplay.backends.chat import prompt_messages, response_messages, training_tokens
 from selfplay.backends.logprobs import completion_logps
@@ -65,6 +66,7 @@ def test_dpo_tokens_and_reference_logps_match_trl(tiny_policy, tmp_path, max_len
 
 
 def test_simpo_tokens_match_cpo_trainer(tiny_policy, tmp_path):
+    from trl.data_utils import maybe_apply_chat_template
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     model, tokenizer = load(tiny_policy)
@@ -76,3 +78,9 @@ def test_simpo_tokens_match_cpo_trainer(tiny_policy, tmp_path):
             prompt_ids, completion_ids = training_tokens(tokenizer, p, text, "simpo", 64)
             assert prompt_ids + completion_ids == rows[i][f"{side}_input_ids"]
             assert rows[i][f"{side}_labels"][len(prompt_ids):] == completion_ids
+        # the fence's CPO tokenization on a stand-in trainer is the trainer's own
+        row = maybe_apply_chat_template({"prompt": prompt_messages(p), "chosen": response_messages(c),
+                                         "rejected": response_messages(r)}, tokenizer)
+        batch = trl_private.cpo_tokenize_row(tokenizer, row, 64)
+        for key in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
+            assert batch[key] == rows[i][key]

@@ -9,9 +9,7 @@ trainer will see, which is what lets DPO reuse them as its reference log-probs.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-from types import SimpleNamespace
 from typing import Any
 
 from selfplay.backends import trl_private
@@ -55,17 +53,13 @@ def _dpo_tokens(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], 
 
 def _simpo_tokens(tokenizer: Any, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
     # CPOTrainer applies the chat template as text, then its own tokenize_row (BOS/EOS handling, truncation).
-    # Its methods only read these attributes, so TRL's code runs unchanged on a namespace instead of a trainer.
     from trl.data_utils import maybe_apply_chat_template
-    from trl.experimental.cpo import CPOTrainer
 
     row = maybe_apply_chat_template(
         {"prompt": prompt_messages(prompt), "chosen": response_messages(response), "rejected": response_messages(response)},
         tokenizer,
     )
-    ns = SimpleNamespace(processing_class=tokenizer, is_encoder_decoder=False, max_length=max_length)
-    ns.build_tokenized_answer = functools.partial(CPOTrainer.build_tokenized_answer, ns)
-    batch = CPOTrainer.tokenize_row(ns, row)
+    batch = trl_private.cpo_tokenize_row(tokenizer, row, max_length)
     prompt_len = sum(1 for label in batch["chosen_labels"] if label == -100)
     ids = list(batch["chosen_input_ids"])
     return ids[:prompt_len], ids[prompt_len:]

@@ -2,12 +2,12 @@
 
 The LM head runs only where a completion token is predicted, in chunks, with log p = logit − logsumexp: no
 (batch, length, vocabulary) tensor. TRL's fused head does the same in tiles but costs ~5× the head's matmul on a
-CPU (bench/bench_scoring.py); it stays the path for models that scale or soft-cap their logits.
+CPU (bench/bench_scoring.py); it stays the path for models that scale or soft-cap their logits. The trainer's
+label head on a CPU (trl_trainers.add_label_head) computes its log-probs with head_logps, as the margin stage does.
 """
 
 from __future__ import annotations
 
-import types
 from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -56,17 +56,15 @@ def completion_logps(model: Any, sequences: Sequence[tuple[list[int], list[int]]
 
     `sequences` holds (prompt_ids, completion_ids) pairs; `batches` lists the indices each forward pass takes
     (selfplay/backends/batching.py); rows in no batch stay 0. An empty completion gets sum 0 and count 0. `bf16` runs the
-    forward under bf16 autocast, as the trainer does with `trainer.bf16`, so reused reference log-probs match.
+    forward under bf16 autocast, as the trainer does under precision=bf16, so reused reference log-probs match.
     """
     import torch
 
     sums = np.zeros(len(sequences))
     counts = np.array([len(c) for _, c in sequences])
     plain = plain_head(model)
-    # Logit scaling or soft-capping: TRL's fused head knows each model's variant.
-    if plain is None and not getattr(model, "_selfplay_fused_head", False):
+    if plain is None:  # logit scaling or soft-capping: TRL's fused head knows each model's variant
         trl_private.add_fused_lm_head(model)
-        model._selfplay_fused_head = True
     bar = tqdm(total=sum(len(sequences[i][0]) + len(sequences[i][1]) for b in batches for i in b), desc=desc,
                unit="tok", unit_scale=True, dynamic_ncols=True)
     for idx in batches:
@@ -118,11 +116,11 @@ def _label_logps(plain: tuple[Any, Any], ids: Any, mask: Any, labels: Any, rows_
     logps = torch.empty(len(wanted), dtype=torch.float32, device=ids.device)
     for start in range(0, len(wanted), rows_per_chunk):
         chunk = wanted[start : start + rows_per_chunk]
-        logps[start : start + len(chunk)] = _head_logps(head, positions[start : start + rows_per_chunk], chunk)[0]
+        logps[start : start + len(chunk)] = head_logps(head, positions[start : start + rows_per_chunk], chunk)[0]
     return torch.zeros(len(ids), dtype=torch.float32, device=ids.device).index_add_(0, rows, logps)
 
 
-def _head_logps(head: Any, positions: Any, labels: Any, stats: bool = False) -> tuple[Any, ...]:
+def head_logps(head: Any, positions: Any, labels: Any, stats: bool = False) -> tuple[Any, ...]:
     """log p(label) = logit − logsumexp(logits) at each position, logits in fp32 (autocast computes the head's matmul
     in bf16 where it is on, for the margin stage and the trainer alike); with stats also TRL's per-token metrics:
     entropy, mean logit and whether the label is the argmax (no gradient)."""
@@ -137,42 +135,3 @@ def _head_logps(head: Any, positions: Any, labels: Any, stats: bool = False) -> 
         probs = torch.softmax(logits, dim=-1)
         entropy = logsumexp - (probs * logits).sum(-1)
         return logps, entropy, logits.mean(-1), logits.argmax(-1) == labels
-
-
-def add_label_head(model: Any, rows_per_chunk: int = 1024) -> bool:
-    """For training on a CPU: make `model(..., labels=, fused_lm_head=True)` — the call TRL's DPOTrainer makes — run
-    the LM head only at the label positions, in chunks recomputed in the backward pass (memory of one chunk's
-    logits), and return what TRL's fused head returns (per-token log_probs, entropy, mean_logits, is_top1, zero off
-    the labels). TRL's own fused head scores every position, prompt and padding included, when not on a Triton
-    device; on 2 cores it was half of a DPO step (bench/results/precision_cpu.md). Returns False (model unchanged)
-    where the logits are not plain lm_head(hidden)."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    plain = plain_head(model)
-    if plain is None:
-        return False
-    trl_forward = model.forward  # TRL's: the plain forward without fused_lm_head, its fused head otherwise
-
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
-        if (not fused_lm_head or shift_labels is not None or kwargs.get("output_router_logits")
-                or not bool((labels[:, 1:] != -100).any())):  # TRL keeps an all-masked batch differentiable
-            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
-                               num_items_in_batch=num_items_in_batch, **kwargs)
-        kwargs["use_cache"] = False
-        backbone, head = getattr(self, self.base_model_prefix), self.get_output_embeddings()
-        hidden = backbone(*args, **kwargs).last_hidden_state[:, :-1]
-        targets = labels[:, 1:]
-        mask = targets != -100
-        positions, wanted = hidden[mask], targets[mask]
-        parts = [checkpoint(_head_logps, head, positions[s : s + rows_per_chunk], wanted[s : s + rows_per_chunk],
-                            True, use_reentrant=False) for s in range(0, len(wanted), rows_per_chunk)]
-        per_token = [torch.cat([p[k] for p in parts]) if parts else positions.new_zeros(0) for k in range(4)]
-        log_probs, entropy, mean_logits, is_top1 = (
-            x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
-        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-        return trl_private.fused_output_type()(loss=loss, log_probs=log_probs, entropy=entropy, mean_logits=mean_logits,
-                                   is_top1=is_top1, label_mask=mask)
-
-    model.forward = types.MethodType(forward, model)
-    return True

@@ -8,6 +8,8 @@ Objectives (trainer.objective):
   simpo  TRL's CPOTrainer with loss_type=simpo, cpo_alpha=0 (reference-free, length-normalised, margin γ).
   mmpo   MMPO (arXiv 2410.03145): −p·log σ(βh) − (1−p)·log σ(−βh) with a soft label p = σ(γ_m·Δex) per pair, on the
          logit h of DPO (reference log-probs reused as above) or SimPO (trainer.mmpo_logits); p = 1 is plain DPO/SimPO.
+         The loss is selfplay/core/losses.py; the TRL trainer subclasses are selfplay/backends/trl_trainers.py (the
+         fence around TRL's non-public API).
 Logging: logger=tensorboard|wandb passes the trainer's own metrics (loss, rewards, margins per step) through TRL's
          report_to into the run's tracker (selfplay/reports/tracking.py); logger=none reports nowhere.
 Scale:   trainer.distributed=ddp|fsdp|deepspeed_zero3 runs it through `accelerate launch` on every GPU of the
@@ -25,12 +27,10 @@ import os
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
 from selfplay.backends.chat import template_sha256
-from selfplay.backends.logprobs import add_label_head
 from selfplay.backends.modeling import (
     load_causal_lm,
     load_tokenizer,
@@ -39,6 +39,8 @@ from selfplay.backends.modeling import (
     torch_device,
 )
 from selfplay.backends.precision import train_bf16
+from selfplay.backends.trl_trainers import dpo_trainer_class, mmpo_cpo_trainer_class, mmpo_dpo_trainer_class
+from selfplay.core.losses import soft_labels
 from selfplay.errors import NoPairsError, UnchangedPolicyError
 from selfplay.reports.tracking import trainer_report_to
 from selfplay.rundir import faults, preemption, tables
@@ -61,138 +63,6 @@ def reference_logps(selected: pd.DataFrame, has_reference_model: bool) -> tuple[
     """DPO reference log-prob sums per pair: π_ref's when a reference model is configured, else π_r's own."""
     prefix = "ref_logp" if has_reference_model else "logp"
     return selected[f"{prefix}_chosen_sum"].tolist(), selected[f"{prefix}_rejected_sum"].tolist()
-
-
-def _dpo_trainer_class():
-    from peft import PeftModel
-    from trl import DPOTrainer
-
-    def is_peft_model(model) -> bool:
-        return isinstance(model, PeftModel)
-
-    class PrecomputedReferenceDPOTrainer(DPOTrainer):
-        """DPOTrainer that keeps `ref_chosen_logps`/`ref_rejected_logps` columns already in the dataset instead of
-        recomputing them with a reference forward pass (TRL would compute the same numbers). On a CPU the policy's
-        LM head runs only at the completion positions (logprobs.add_label_head), as the margin stage's does."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            if self.args.device.type == "cpu" and not is_peft_model(self.model):
-                add_label_head(self.model)
-
-        def _precompute_ref_logps(self, dataset, name, batch_size):
-            if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
-                return dataset
-            return super()._precompute_ref_logps(dataset, name, batch_size)
-
-    return PrecomputedReferenceDPOTrainer
-
-
-def soft_labels(margin_explicit, gamma: float) -> np.ndarray:
-    """MMPO's soft label per pair, p = σ(γ_m·Δex): how sure the judge's reward margin Δex ≥ 0 makes `chosen ≻
-    rejected` (½ at a tie, → 1 as the margin grows)."""
-    return 1.0 / (1.0 + np.exp(-gamma * np.asarray(margin_explicit, dtype=np.float64)))
-
-
-def mmpo_loss(logits, soft_label, beta: float):
-    """MMPO's loss per pair: the cross-entropy of σ(β·h) against the soft label p, −p·log σ(βh) − (1−p)·log σ(−βh).
-    It is the cDPO label-smoothing form with ε = 1 − p; p = 1 gives the plain sigmoid loss of DPO/SimPO."""
-    import torch.nn.functional as F
-
-    return -soft_label * F.logsigmoid(beta * logits) - (1 - soft_label) * F.logsigmoid(-beta * logits)
-
-
-class _SoftLabelCollator:
-    """TRL's preference collator plus each pair's `soft_label`, in the batch's row order."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def __call__(self, examples):
-        import torch
-
-        batch = self.collator(examples)
-        batch["soft_label"] = torch.tensor([example["soft_label"] for example in examples], dtype=torch.float32)
-        return batch
-
-
-class _FirstOutput:
-    """The model, keeping the output of its first call: TRL's forward of the batch, whose log-probs give h."""
-
-    def __init__(self, model):
-        self.model, self.outputs = model, None
-
-    def __call__(self, *args, **kwargs):
-        outputs = self.model(*args, **kwargs)
-        if self.outputs is None:
-            self.outputs = outputs
-        return outputs
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
-def _mmpo_dpo_trainer_class():
-    base = _dpo_trainer_class()
-
-    class MMPODPOTrainer(base):
-        """MMPO on DPO's logit h = log π(yw)/π_ref(yw) − log π(yl)/π_ref(yl). TRL's _compute_loss runs the forward
-        and logs its metrics; the loss is then mmpo_loss on h, from the same forward's log-probs summed as TRL sums
-        them. Each pair's `soft_label` travels as a dataset column (kept as a signature column) through the collator
-        to the loss; the reference log-probs are always in the batch (the margin stage's, or TRL's precompute)."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            # The loss below stands in for TRL's plain sigmoid loss: nothing else TRL adds to it may be on.
-            if not (self.precompute_ref_logps and self.loss_types == ["sigmoid"] and self.ld_alpha is None
-                    and self.f_divergence_type == "reverse_kl" and not self.use_weighting):
-                raise ValueError("MMPO on DPO logits needs precompute_ref_log_probs and TRL's plain sigmoid loss")
-            self.data_collator = _SoftLabelCollator(self.data_collator)
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if "soft_label" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "soft_label"]
-
-        def compute_ref_log_probs(self, model, inputs):
-            return super().compute_ref_log_probs(model, {k: v for k, v in inputs.items() if k != "soft_label"})
-
-        def _compute_loss(self, model, inputs, return_outputs):
-            soft_label = inputs["soft_label"]
-            inputs = {k: v for k, v in inputs.items() if k != "soft_label"}
-            forward = _FirstOutput(model)
-            result = super()._compute_loss(forward, inputs, return_outputs)
-            seq_len = inputs["completion_mask"].size(1) - 1
-            logps = forward.outputs.log_probs[:, -seq_len:].sum(dim=1)  # zero off the completion, as TRL sums them
-            chosen_logps, rejected_logps = logps.chunk(2, dim=0)  # batch is [chosen, rejected]
-            logits = (chosen_logps - inputs["ref_chosen_logps"]) - (rejected_logps - inputs["ref_rejected_logps"])
-            loss = mmpo_loss(logits, soft_label.to(logits.device), self.beta).mean()
-            if self.aux_loss_enabled:
-                loss = loss + self.router_aux_loss_coef * forward.outputs.aux_loss
-            return (loss, result[1]) if return_outputs else loss
-
-    return MMPODPOTrainer
-
-
-def _mmpo_cpo_trainer_class():
-    from trl.experimental.cpo import CPOTrainer
-
-    class MMPOCPOTrainer(CPOTrainer):
-        """MMPO on SimPO's logit h = mean log π(yw) − mean log π(yl) − γ/β. TRL's SimPO loss is the label-smoothing
-        form −(1−ε)·log σ(βh) − ε·log σ(−βh), i.e. mmpo_loss with ε = 1 − p, so each batch sets ε per pair from its
-        `soft_label`, which TRL's collator passes through as a list in the batch's row order."""
-
-        def get_batch_loss_metrics(self, model, batch, train_eval="train"):
-            import torch
-
-            soft_label = torch.as_tensor(batch["soft_label"], dtype=torch.float32, device=self.accelerator.device)
-            self.label_smoothing = 1 - soft_label
-            try:
-                return super().get_batch_loss_metrics(model, batch, train_eval)
-            finally:
-                self.label_smoothing = 0.0
-
-    return MMPOCPOTrainer
 
 
 def optimizer_steps(cfg, num_pairs: int, world_size: int = 1) -> int:
@@ -254,7 +124,7 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
 
         args = CPOConfig(**common_args(cfg, output_dir, report_to, len(selected)), loss_type="simpo", cpo_alpha=0.0,
                          simpo_gamma=t.simpo_gamma if mmpo else t.gamma)
-        trainer_class = _mmpo_cpo_trainer_class() if mmpo else CPOTrainer
+        trainer_class = mmpo_cpo_trainer_class() if mmpo else CPOTrainer
         return trainer_class(model=model, args=args, train_dataset=Dataset.from_dict(columns),
                              processing_class=tokenizer, peft_config=peft)
 
@@ -269,11 +139,13 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
                                    cfg.model.trust_remote_code)
     # MMPO reads the reference log-probs from the batch: without reuse, TRL precomputes them from the same reference.
     args = DPOConfig(**common_args(cfg, output_dir, report_to, len(selected)), precompute_ref_log_probs=reuse or mmpo)
-    trainer_class = _mmpo_dpo_trainer_class() if mmpo else _dpo_trainer_class()
+    trainer_class = mmpo_dpo_trainer_class() if mmpo else dpo_trainer_class()
     return trainer_class(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(columns),
                          processing_class=tokenizer, peft_config=peft)
 
 
+# The two callbacks subclass transformers' TrainerCallback, its documented extension point, and override only its
+# public on_* events, so they stay here, outside the fence (tests/test_fence.py: PUBLIC_BASES).
 def _fault_points(round_name: str):
     """A TrainerCallback that marks each optimizer step and each saved checkpoint for the fault suite."""
     from transformers import TrainerCallback
