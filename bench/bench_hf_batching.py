@@ -49,7 +49,7 @@ def main() -> None:
                "whole list sorted": 0}
     for name, window in windows.items():
         started = time.perf_counter()
-        out = sampler.generate(prompts, spec(window), desc=name)
+        out = sampler(prompts, spec(window), desc=name)
         seconds = time.perf_counter() - started
         tokens = sum(c.n_tokens for c in out)
         results[name] = (seconds, tokens)

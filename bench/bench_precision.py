@@ -10,7 +10,7 @@ stage's own code at precision=fp32 and precision=bf16 over the same inputs (inte
                code under the same precision), 4 pairs a step as the default; seconds per optimizer step (median
                after the first), MFU = 6·N·tokens / time / peak;
 * rescoring    the margin stage's `completion_logps` (token-budget batches); MFU = 2·N·tokens / time / peak;
-* reward       `classifier_scorer` on a sequence classifier of the same shape (the embedded default's judge is
+* reward       `ClassifierScorer` on a sequence classifier of the same shape (the embedded default's judge is
                a Python function, so a reward model of the policy's size stands in); MFU as rescoring;
 * generation   the hf sampler (`HFSampler`) sampling 4 responses of ≤ 96 tokens per prompt, as the default;
                MFU of 2·N per generated token, and the share of the memory-bandwidth bound: every decode step reads
@@ -83,7 +83,7 @@ def main() -> None:
     from selfplay.backends.samplers import SamplingSpec
     from selfplay.backends.samplers.hf import HFSampler
     from selfplay.rewards.ifeval import build_prompts
-    from selfplay.rewards.scoring import classifier_scorer
+    from selfplay.rewards.scoring import ClassifierScorer
     from selfplay.stages.train import build_trainer
 
     device = torch.device(args.device)
@@ -134,7 +134,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as rm_dir:
         AutoModelForSequenceClassification.from_config(config).save_pretrained(rm_dir)
         tokenizer.save_pretrained(rm_dir)
-        scorers = {prec: classifier_scorer(rm_dir, "float32", 16, 1024, device, False, 16384, bf16=prec == "bf16")
+        scorers = {prec: ClassifierScorer(rm_dir, "float32", 16, 1024, device, False, 16384, bf16=prec == "bf16")
                    for prec in ("fp32", "bf16")}
         times = {"fp32": [], "bf16": []}
         for _ in range(args.repeats):
@@ -183,7 +183,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for prec, sampler in samplers.items():
             started = time.perf_counter()
-            out = sampler.generate(gen_prompts, spec, desc=f"generate {prec}")
+            out = sampler(gen_prompts, spec, desc=f"generate {prec}")
             gen[prec].append((sum(c.n_tokens for c in out), time.perf_counter() - started))
     results["generation"] = {}
     for prec, runs in gen.items():

@@ -144,9 +144,9 @@ def main() -> None:
         rm_dir = Path(tmp)
         reward_model.save_pretrained(rm_dir)
         tokenizer.save_pretrained(rm_dir)
-        from selfplay.rewards.scoring import classifier_scorer
+        from selfplay.rewards.scoring import ClassifierScorer
 
-        scorer = classifier_scorer(str(rm_dir), args.dtype, args.batch_size, 4096, device, False,
+        scorer = ClassifierScorer(str(rm_dir), args.dtype, args.batch_size, 4096, device, False,
                                    args.max_batch_tokens * 2)
         import pandas as pd
 

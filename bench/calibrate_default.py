@@ -8,7 +8,7 @@ directory to redo it); an interrupted one resumes. After every arm the table, JS
 rewritten from all finished arms' files (their summary.json and stage manifests), so nothing is copied by hand.
 
 Per arm and round: the held-out gain over π_0 with its paired s.e., 95% interval and sign-flip p-value
-(selfplay/stages/eval.py), the share of sampled responses that hit `sampler.max_new_tokens`, pairs kept,
+(selfplay/core/stats.py), the share of sampled responses that hit `sampler.max_new_tokens`, pairs kept,
 optimizer steps, and the wall time of each round's stages.
 """
 
@@ -38,7 +38,7 @@ def _gain_from_files(run_dir: Path, rdir: Path) -> dict:
     """The gain's interval and p-value recomputed from a round's held-out rewards, as eval computes them now."""
     import pandas as pd
 
-    from selfplay.stages.eval import paired_gain, prompt_differences
+    from selfplay.core.stats import paired_gain, prompt_differences
 
     diff = prompt_differences(pd.read_parquet(rdir / "eval_generations.parquet"),
                               pd.read_parquet(run_dir / "round_00" / "eval_base_generations.parquet"))

@@ -1,6 +1,6 @@
 """GPU correctness check of the whole loop: 2 rounds through the real `selfplay` command with device=cuda, on random
 models built from a real tokenizer (its chat template included), with an hf_classifier reward model, in fp32 and
-with trainer.bf16. Prints each stage's seconds and checks the outputs.
+with precision=bf16. Prints each stage's seconds and checks the outputs.
 
     python bench/gpu_e2e.py --tokenizer DIR [--out /tmp/gpu_e2e] [--hidden 512] [--layers 8]
 DIR: any tokenizer directory with a chat template (e.g. the converted embedded default's).
@@ -41,7 +41,7 @@ def main() -> None:
     pd.DataFrame({"prompt": [f"Write two sentences about {t}, variant {i}." for i in range(40) for t in topics]}
                  ).to_json(prompts, orient="records", lines=True)
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
-    for name, extra in (("fp32", []), ("bf16", ["trainer.bf16=true"])):
+    for name, extra in (("fp32", []), ("bf16", ["precision=bf16"])):
         cmd = [sys.executable, "-m", "selfplay.cli", "run", f"output_root={out}", f"run_name={name}", "device=cuda",
                f"model.path={policy}", "model.dtype=float32", "rounds=2", f"prompts.source={prompts}",
                "prompts.per_round=128", "prompts.eval_count=64", "sampler.n=4", "sampler.max_new_tokens=64",

@@ -88,6 +88,18 @@ def option_problems(cfg: Any, schema: Any = None, prefix: str = "") -> list[str]
     return problems
 
 
+# Options that are gone, with what replaced them: the command line refuses them with this line, and an older run's
+# manifests that recorded them are read by selfplay/rundir/manifest.py's MIGRATIONS.
+REMOVED_OPTIONS = {
+    "trainer.bf16": "removed: precision=bf16 trains (and runs every other stage) in bf16 autocast",
+    "margin.beta": "removed: the DPO-form implicit margin is scaled by trainer.beta, DPO's own β (no selection "
+                   "metric depends on the scale)",
+}
+
+# Options that say what one command does (which round or shard, what to redo), not how the run is made: the run's
+# config.yaml leaves them out, so it reads the same whichever command wrote it last.
+PER_COMMAND_KEYS = ("round", "shard", "num_shards", "force")
+
 STAGES = ("prompts", "generate", "score", "pair", "margin", "select", "train", "eval")
 SAMPLER_BACKENDS = ("hf", "vllm")
 REWARD_BACKENDS = ("function", "hf_classifier", "vllm")
@@ -304,8 +316,6 @@ class PairConfig:
 
 @dataclass
 class MarginConfig:
-    # β of the DPO-form implicit reward (only with model.reference); under MAP's z-scoring it cancels.
-    beta: float = option(0.1, gt=0)
     # Most sequences per teacher-forced forward pass (hf); sequences per engine request batch (vllm).
     batch_size: int = option(8, ge=1)
     # hf: most padded tokens (rows × longest) per forward pass; batches of similar lengths fill it (null: fixed
@@ -389,8 +399,6 @@ class TrainerConfig:
     lr_scheduler_type: str = option("linear", choices=_scheduler_names)
     # DPO (and mmpo on dpo logits): take π_r's reference log-probs from the margin stage instead of a reference pass.
     reuse_reference_logps: bool = True
-    # Train (and rescore in the margin stage) in bf16 autocast even when precision=fp32; precision=bf16 implies it.
-    bf16: bool = False
     # Optimizer: any name transformers' TrainingArguments.optim takes (adamw_torch, adamw_torch_fused, sgd, …).
     optim: str = option("adamw_torch", choices=_optimizer_names)
     # none (one process) | ddp | fsdp | deepspeed_zero3: through `accelerate launch` with conf/distributed/<name>.yaml,
@@ -552,6 +560,8 @@ class Config:
     num_shards: int | None = option(None, ge=1)
     # Stages to redo although complete (names, or "all"); later stages that read them are redone too.
     force: list[str] = field(default_factory=list)
+    # (round, shard, num_shards and force say what one command does, not how the run is made: PER_COMMAND_KEYS,
+    # left out of the run's config.yaml.)
     # Experiment preset name, set by conf/experiment/*.yaml (informational).
     experiment: str | None = None
     # Experiment tracking: none | tensorboard (<run>/tensorboard/) | wandb (offline unless WANDB_MODE is set).
@@ -593,6 +603,15 @@ def check_run(cfg: Any) -> None:
 def round_seed(seed: int, r: int) -> int:
     """The seed of round r's prompts, sampling and selection; every stage (and the card) derives it here."""
     return seed * 1_000 + r
+
+
+def removed_option_problem(overrides: list[str]) -> str | None:
+    """`key: what replaced it` for the first override that sets a removed option (REMOVED_OPTIONS), else None."""
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if key in REMOVED_OPTIONS:
+            return f"{key}: {REMOVED_OPTIONS[key]}"
+    return None
 
 
 def run_name_problem(name: str) -> str | None:

@@ -229,3 +229,53 @@ def test_the_command_line_starts_without_the_model_libraries():
              "'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def stage_to_stage_imports(modules: dict[str, Path]) -> list[str]:
+    """`file:line imports selfplay.stages.X` for every stage module that imports another stage (stages.base, the
+    shared plumbing, is not a stage): what stages share lives in core/ (algorithms) or backends/ (models)."""
+    found = []
+    for module, path in modules.items():
+        if not module.startswith("selfplay.stages.") or module == "selfplay.stages.base":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve(module, node)  # `from selfplay.stages import pair` and `from . import pair` name it
+                targets = [f"{base}.{a.name}" for a in node.names] if base == "selfplay.stages" else [base]
+            else:
+                targets = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for target in targets:
+                if target.startswith("selfplay.stages") and target not in ("selfplay.stages", "selfplay.stages.base"):
+                    found.append(f"{_shown(path)}:{node.lineno} imports {target}")
+    return found
+
+
+def test_no_stage_imports_another_stage():
+    found = stage_to_stage_imports(MODULES)
+    assert not found, "a stage imports another stage:\n" + "\n".join(found)
+
+
+def test_a_stage_importing_a_stage_is_caught(tmp_path):
+    bad = tmp_path / "selfplay" / "stages"
+    bad.mkdir(parents=True)
+    (bad / "eval.py").write_text("from selfplay.stages.margin import LogpScorer\nfrom selfplay.stages.base import x\n")
+    (bad / "score.py").write_text("from . import pair\nfrom selfplay.stages import base\nimport selfplay.stages.train\n")
+    found = stage_to_stage_imports({"selfplay.stages.eval": bad / "eval.py", "selfplay.stages.score": bad / "score.py"})
+    assert [f.split(" ", 1)[1] for f in found] == ["imports selfplay.stages.margin", "imports selfplay.stages.pair",
+                                                   "imports selfplay.stages.train"]
+
+
+def test_every_backend_has_the_one_backend_shape():
+    """Samplers, reward scorers and the log-prob scorer are all selfplay.backends.base.Backend: built from the
+    config (`from_config`), a context manager over `close`, called on a batch of work."""
+    from selfplay.backends.base import Backend
+    from selfplay.backends.logprob_scorer import LogpScorer
+    from selfplay.backends.samplers import SAMPLERS
+    from selfplay.rewards.scoring import SCORERS
+
+    for cls in [*SAMPLERS.values(), *SCORERS.values()]:
+        assert issubclass(cls, Backend) and callable(getattr(cls, "from_config", None)), cls
+        assert cls.__call__ is not Backend.__call__, f"{cls.__name__} does no work when called"
+    assert issubclass(LogpScorer, Backend) and LogpScorer.__call__ is not Backend.__call__
+

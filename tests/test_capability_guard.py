@@ -26,8 +26,8 @@ def test_eval_only_families_stay_out_of_training_and_eval_reports_both_sides_and
     policy = pd.read_parquet(rdir / "eval_generations.parquet")
     base = pd.read_parquet(rdir / "eval_base_generations.parquet")
     prompts = policy.drop_duplicates("prompt_id").set_index("prompt_id")
+    from selfplay.backends.prompt_sources import heldout_prompts
     from selfplay.runner.slurm import compose
-    from selfplay.stages.prompts import heldout_prompts
 
     held = heldout_prompts(compose([*overrides, "prompts.eval_count=12"])).set_index("prompt_id")
     unseen = held["constraints"].map(lambda cs: any(family(c["id"]) in ("keywords", "detectable_format")

@@ -135,7 +135,7 @@ def test_lora_merged_policy_loads_in_vllm(tmp_path, vllm_policy):
         "from selfplay.backends.samplers.vllm import VLLMSampler\n"
         "cfg = compose(['sampler=vllm', 'sampler.batch_size=2', 'device=cpu'])\n"
         "sampler = VLLMSampler(sys.argv[1], 'float32', torch.device('cpu'), sampler_cfg=cfg.sampler, ray_cfg=cfg.ray)\n"
-        "out = sampler.generate(['Say hi.'], SamplingSpec(n=1, max_new_tokens=4, greedy=True))\n"
+        "out = sampler(['Say hi.'], SamplingSpec(n=1, max_new_tokens=4, greedy=True))\n"
         "print('generated', len(out), out[0].n_tokens)\n")
     loaded = subprocess.run([sys.executable, "-c", code, str(policy)], capture_output=True, text=True, timeout=600)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
@@ -149,7 +149,7 @@ def test_strategy_configs_compose_into_an_accelerate_launch(strategy):
     `accelerate launch` would, for a 2-node × 8-GPU allocation (no GPU needed: nothing is started)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
-    cfg = compose([f"trainer.distributed={strategy}", "trainer.bf16=true", "trainer.gradient_accumulation_steps=4"])
+    cfg = compose([f"trainer.distributed={strategy}", "precision=bf16", "trainer.gradient_accumulation_steps=4"])
     command = launch_command(cfg, Topology(nodes=2, per_node=8, main_address="node-a", main_port=29512),
                              ["CONFIG", "RUN", "0", "OUT"], machine_rank="1")
     assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]

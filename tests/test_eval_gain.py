@@ -1,9 +1,9 @@
-"""The held-out gain's statistics (selfplay/stages/eval.py `paired_gain`) against hand-computed values."""
+"""The held-out gain's statistics (selfplay/core/stats.py `paired_gain`) against hand-computed values."""
 
 import numpy as np
 import pytest
 
-from selfplay.stages.eval import paired_gain
+from selfplay.core.stats import paired_gain
 
 
 def test_exact_sign_flip_p_value_and_interval():

@@ -269,7 +269,7 @@ def test_dpo_form_margin_and_training_against_a_configured_reference(tiny_run, t
     assert refused.returncode == 2 and re.search(r"round_00/eval reads round_00/(margin|train), which finished with a "
                                                  r"different config:\n +model\.reference: ", refused.stderr)
     pairs = pd.read_parquet(copy / "tiny" / "round_01" / "pairs.parquet")
-    # ρ(y) = β·(log π_1(y|x) − log π_ref(y|x)), summed over tokens; β = margin.beta = 0.1
+    # ρ(y) = β·(log π_1(y|x) − log π_ref(y|x)), summed over tokens; β = trainer.beta = 0.1
     expected = 0.1 * ((pairs["logp_chosen_sum"] - pairs["ref_logp_chosen_sum"])
                       - (pairs["logp_rejected_sum"] - pairs["ref_logp_rejected_sum"]))
     np.testing.assert_allclose(pairs["margin_implicit"], expected, atol=1e-9)

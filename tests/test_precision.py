@@ -72,9 +72,9 @@ def test_auto_resolves_once_to_what_the_machine_has(caplog):
     assert resolve(cfg, flags={"avx2"}) == "fp32" and cfg.precision == "fp32"
     assert not stage_bf16(cfg) and not train_bf16(cfg) and engine_dtype(cfg) == "float32"
     assert "precision=auto: fp32 on cpu (no AMX-BF16 or AVX512-BF16 on this CPU)" in caplog.text
-    # trainer.bf16 alone still trains (and rescores) in bf16; a 16-bit model.dtype is kept for vLLM
-    cfg = composed("device=cpu", "precision=fp32", "trainer.bf16=true", "model.dtype=bfloat16")
-    assert train_bf16(cfg) and not stage_bf16(cfg) and engine_dtype(cfg) == "bfloat16"
+    # one switch: precision=fp32 trains in fp32 too; a 16-bit model.dtype is kept for vLLM
+    cfg = composed("device=cpu", "precision=fp32", "model.dtype=bfloat16")
+    assert not train_bf16(cfg) and not stage_bf16(cfg) and engine_dtype(cfg) == "bfloat16"
 
 
 @pytest.mark.parametrize(("override", "option"), [("precision=fp16", "precision"), ("trainer.optim=adamw_nope", "trainer.optim")])
@@ -119,7 +119,7 @@ def test_bf16_rescoring_and_reward_scoring_agree_with_fp32(embedded, tmp_path):
     from selfplay.backends.batching import token_budget_batches
     from selfplay.backends.chat import training_tokens
     from selfplay.backends.logprobs import completion_logps
-    from selfplay.rewards.scoring import classifier_scorer
+    from selfplay.rewards.scoring import ClassifierScorer
 
     path, tokenizer, model = embedded
     prompts, chosen, rejected = _pairs(tokenizer)
@@ -145,7 +145,7 @@ def test_bf16_rescoring_and_reward_scoring_agree_with_fp32(embedded, tmp_path):
     tokenizer.save_pretrained(tmp_path / "rm")
     frame = pd.DataFrame({"prompt_id": [str(i) for i in range(12)], "prompt": prompts * 2,
                           "response": chosen + rejected})
-    rewards = {bf16: classifier_scorer(str(tmp_path / "rm"), "float32", 4, 1024, device, False, 4096, bf16=bf16)(
+    rewards = {bf16: ClassifierScorer(str(tmp_path / "rm"), "float32", 4, 1024, device, False, 4096, bf16=bf16)(
         frame, desc="reward").to_numpy() for bf16 in (False, True)}
     spread = rewards[False].std()
     worst = np.abs(rewards[True] - rewards[False]).max()

@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from selfplay.backends.prompt_sources import heldout_prompts, read_prompt_file, train_prompts
 from selfplay.config import Config
 from selfplay.errors import InputError
-from selfplay.stages.prompts import heldout_prompts, read_prompt_file, train_prompts
 
 
 def write_jsonl(path, rows):

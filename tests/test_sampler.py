@@ -47,14 +47,14 @@ def test_generation_is_seeded_and_n_per_prompt(tiny_policy):
     sampler = HFSampler(tiny_policy, "float32", torch.device("cpu"))
     prompts = ["Write one word.", "Name a colour in lowercase.", "Say hello in French, with no commas."]
     spec = SamplingSpec(n=3, max_new_tokens=10, temperature=0.8, top_p=0.95, seed=4, batch_size=2)
-    a, b = sampler.generate(prompts, spec), sampler.generate(prompts, spec)
+    a, b = sampler(prompts, spec), sampler(prompts, spec)
     def rows(completions):
         return [(c.prompt_index, c.sample_idx, c.response, c.n_tokens) for c in completions]
 
     assert rows(a) == rows(b)
     assert [(c.prompt_index, c.sample_idx) for c in a] == [(p, i) for p in range(3) for i in range(3)]
     assert all(1 <= c.n_tokens <= 10 and c.finish_reason in ("stop", "length") for c in a)
-    other = sampler.generate(prompts, SamplingSpec(n=3, max_new_tokens=10, temperature=0.8, top_p=0.95, seed=5,
+    other = sampler(prompts, SamplingSpec(n=3, max_new_tokens=10, temperature=0.8, top_p=0.95, seed=5,
                                                    batch_size=2))
     assert [c.response for c in other] != [c.response for c in a]
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from selfplay.core.selection import keep_count, map_score, select, zscore
-from selfplay.stages.pair import best_vs_worst
+from selfplay.stages.pair import make_pairs
 
 
 def test_zscore_uses_population_std():
@@ -87,7 +87,7 @@ def test_best_vs_worst_pairs_and_counts_ties():
         ("p2", "q2", 0, "r20", 0.3), ("p2", "q2", 1, "r21", 0.3),  # all tie -> dropped
         ("p3", "q3", 0, "r30", 1.0), ("p3", "q3", 1, "r31", 1.0), ("p3", "q3", 2, "r32", 0.0), ("p3", "q3", 3, "r33", 0.0),
     ])
-    pairs, ties = best_vs_worst(df)
+    pairs, ties = make_pairs(df, "best_worst")
     assert ties == 1
     assert pairs["prompt_id"].tolist() == ["p1", "p3"]
     p1 = pairs.iloc[0]
@@ -101,7 +101,7 @@ def test_best_vs_worst_pairs_and_counts_ties():
 
 def test_min_margin_turns_small_gaps_into_ties():
     df = scores_frame([("p", "q", 0, "a", 0.50), ("p", "q", 1, "b", 0.55), ("r", "s", 0, "c", 0.0), ("r", "s", 1, "d", 1.0)])
-    pairs, ties = best_vs_worst(df, min_margin=0.1)
+    pairs, ties = make_pairs(df, "best_worst", min_margin=0.1)
     assert ties == 1 and pairs["prompt_id"].tolist() == ["r"]
 
 
@@ -153,8 +153,6 @@ def test_select_real_keeps_least_similar_pairs():
 
 
 def test_pair_strategies():
-    from selfplay.stages.pair import make_pairs
-
     df = scores_frame([
         ("p1", "q1", 0, "a", 0.5), ("p1", "q1", 1, "b", 1.0), ("p1", "q1", 2, "c", 0.0), ("p1", "q1", 3, "d", 0.5),
         ("p2", "q2", 0, "e", 0.3), ("p2", "q2", 1, "f", 0.3),
@@ -172,6 +170,22 @@ def test_pair_strategies():
         seen.add(int(pairs["rejected_sample_idx"].iloc[0]))
         assert make_pairs(df, "best_random", seed=seed)[0].equals(pairs)  # seeded
     assert seen == {0, 2, 3}  # any lower-reward sample, not only the worst
+
+
+def test_pairing_returns_positions_into_the_unsorted_input():
+    """core/pairing works on arrays in any row order: positions point back into them, pairs come in prompt order."""
+    from selfplay.core import pairing
+
+    ids = np.array(["p2", "p1", "p2", "p1", "p1"], dtype=object)
+    sample = np.array([1, 2, 0, 0, 1])
+    reward = np.array([0.0, 1.0, 1.0, 0.5, 0.5])
+    chosen, rejected, ties = pairing.best_worst(ids, sample, reward)
+    assert (chosen.tolist(), rejected.tolist(), ties) == ([1, 2], [4, 0], 0)  # p1: idx 2 vs idx 1 (highest index)
+    chosen, rejected, ties = pairing.all_pairs(ids, sample, reward)
+    assert list(zip(chosen.tolist(), rejected.tolist(), strict=True)) == [(1, 3), (1, 4), (2, 0)]
+    assert ties == 0
+    with pytest.raises(ValueError, match="unknown pair strategy 'best'"):
+        pairing.make_pairs(ids, sample, reward, "best")
 
 
 def test_select_several_pairs_per_prompt_keeps_them_apart():

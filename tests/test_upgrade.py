@@ -12,7 +12,7 @@ import pytest
 from conftest import TESTS, run_cli
 from omegaconf import OmegaConf
 
-from selfplay.config import STAGES
+from selfplay.config import REMOVED_OPTIONS, STAGES
 from selfplay.rundir import manifest as mf
 from selfplay.runner.upgrade import pin_old_behaviour
 
@@ -39,7 +39,28 @@ def test_the_committed_old_run_directory_resumes_and_goes_on(tmp_path):
 def test_the_migration_table_names_real_options():
     assert max(m.since for m in mf.MIGRATIONS) <= mf.CONFIG_SCHEMA
     for m in mf.MIGRATIONS:
-        assert mf.schema_default(m.key) is not mf.MISSING, f"{m.key} is not an option today"
+        if m.removed:  # gone, and the command line says what replaced it
+            assert mf.schema_default(m.key) is mf.MISSING, f"{m.key} is still an option"
+            assert m.key in REMOVED_OPTIONS, f"{m.key}: no entry in config.REMOVED_OPTIONS"
+        else:
+            assert mf.schema_default(m.key) is not mf.MISSING, f"{m.key} is not an option today"
+    assert set(REMOVED_OPTIONS) == {m.key for m in mf.MIGRATIONS if m.removed}
+
+
+def test_a_removed_option_in_an_older_manifest_is_dropped_when_it_asked_for_what_runs_today():
+    gone = [mf.Migration(since=3, key="trainer.bf16", removed=True, before=False),
+            mf.Migration(since=3, key="margin.beta", removed=True)]
+    today = {"margin": {"batch_size": 8}, "trainer": {"beta": 0.1}}
+    old = {"margin": {"beta": 0.7, "batch_size": 8}, "trainer": {"bf16": False, "beta": 0.1}}
+    assert mf.diff_config(old, today, recorded_schema=2, migrations=gone) == []
+    # a value today's code cannot do any more is a change, named, so the finished stage is refused
+    old["trainer"]["bf16"] = True
+    assert mf.diff_config(old, today, recorded_schema=2, migrations=gone) == ["trainer.bf16: True -> '<absent>'"]
+    # a manifest written after the removal is read as it is
+    assert mf.diff_config(old, today, recorded_schema=3, migrations=gone) != []
+    # the refusal says what replaced a removed option
+    with pytest.raises(mf.StageConfigChanged, match=r"margin.beta: 0.7 -> '<absent>'   \(removed: .*trainer.beta"):
+        mf.refuse_changed("round_00/margin already finished", ["margin.beta: 0.7 -> '<absent>'"], "Re-run.")
 
 
 def test_a_renamed_key_in_an_older_manifest_reads_under_its_new_name():

@@ -91,8 +91,8 @@ def stage_bf16(cfg: Any) -> bool:
 
 def train_bf16(cfg: Any) -> bool:
     """bf16 for training and for the margin stage, whose log-probs are DPO's reused reference log-probs: both must
-    run under the same precision for the first loss to be ln 2. trainer.bf16=true asks for it on its own."""
-    return bool(cfg.trainer.bf16) or stage_bf16(cfg)
+    run under the same precision for the first loss to be ln 2: `precision`, as every other stage."""
+    return stage_bf16(cfg)
 
 
 def autocast(enabled: bool, device: Any) -> Any:

@@ -110,7 +110,7 @@ def write_report(run_dir: Path, summaries: list[dict[str, Any]], missing: list[s
                   f"({s['gain_stderr']:.3f}) | {_interval(s['gain_ci95'])} | {s['gain_p_value']:.2g} | "
                   f"{s['win_rate_vs_base']:.2f} |" for s in summaries]
         lines += ["", "Gain: held-out reward of π_r+1 minus π_0's on the same prompts; its interval is ±1.96 paired s.e., "
-                  "its p-value a paired sign-flip permutation test (selfplay/stages/eval.py `paired_gain`)."]
+                  "its p-value a paired sign-flip permutation test (selfplay/core/stats.py `paired_gain`)."]
         lines += ["", f"Held-out reward of π_0: {summaries[0]['base_heldout_reward']:.3f}.", ""]
         lines += ["## Drift across rounds", "",
                   "Policy–judge agreement: the share of the round's pairs that π_r already orders like the judge "

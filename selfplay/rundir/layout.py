@@ -1,6 +1,6 @@
 """The run directory's names, in one place: every module that builds or parses a path inside a run asks here.
 
-    <run>/config.yaml                  the resolved config of the latest command
+    <run>/config.yaml                  the resolved config of the latest command, less PER_COMMAND_KEYS
     <run>/round_XX/                    one round: its stages' outputs and manifests (<stage>.done.json)
     <run>/round_XX/.tmp-<stage>/       a stage's scratch until it commits
     <run>/.lock                        held while a command writes the run (selfplay/runner/runlock.py)

@@ -22,7 +22,7 @@ from dataclasses import MISSING, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from selfplay.config import Config
+from selfplay.config import REMOVED_OPTIONS, Config
 from selfplay.errors import SelfplayError
 from selfplay.rundir import atomic, faults
 
@@ -79,9 +79,12 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 #     key as its schema default today (selfplay/config.py), and as nothing else: adding an option with a default
 #     needs no entry here and never refuses a resume at that default;
 #   - for a key whose default changed, keeps the run on its old value: runner/upgrade.py pins Migration.before
-#     for a run directory made before the change unless the command line sets the key.
+#     for a run directory made before the change unless the command line sets the key;
+#   - drops a removed key (Migration.removed) when what it recorded is what today's code does (its value was
+#     Migration.before, or any value when `before` is NO_VALUE); any other value stays, so the stage is refused with
+#     `key: value -> <absent>` and REMOVED_OPTIONS (selfplay/config.py) says what replaced it.
 # Bump CONFIG_SCHEMA with each entry; tests/test_upgrade.py resumes a committed run directory made by old code.
-CONFIG_SCHEMA = 2
+CONFIG_SCHEMA = 3
 
 
 NO_VALUE: Any = type("NoValue", (), {"__repr__": lambda self: "NO_VALUE"})()  # (dataclasses.MISSING means "required")
@@ -93,10 +96,17 @@ class Migration:
     key: str  # the dotted key, by its name today
     before: Any = NO_VALUE  # what runs made under an older schema did (the key absent, or its old default)
     renamed_from: str | None = None  # the key's name before `since`
+    removed: bool = False  # the option is gone since `since`
 
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(since=2, key="precision", before="fp32"),  # before `precision` existed every run was fp32
+    # margin.beta only scaled the DPO-form Δim, which every selection metric z-scores or ranks: any value selected the
+    # same pairs. The scale is trainer.beta's now (DPO's own implicit reward).
+    Migration(since=3, key="margin.beta", removed=True),
+    # trainer.bf16=true trained in bf16 under precision=fp32; precision=bf16 is the one switch now. A run whose stages
+    # recorded true is refused, naming it (its later rounds cannot train as its first did).
+    Migration(since=3, key="trainer.bf16", removed=True, before=False),
 )
 
 
@@ -111,6 +121,10 @@ def migrate_config(recorded: Mapping[str, Any], schema: int,
     flat = flatten(recorded)
     for m in MIGRATIONS if migrations is None else migrations:
         if schema >= m.since:
+            continue
+        if m.removed:
+            if m.key in flat and (m.before is NO_VALUE or flat[m.key] == m.before):
+                del flat[m.key]
             continue
         if m.renamed_from is not None and m.renamed_from in flat:
             flat.setdefault(m.key, flat.pop(m.renamed_from))
@@ -213,6 +227,16 @@ class StageOutputDamaged(SelfplayError):
     """A finished stage's output no longer matches the checksum in its manifest."""
 
 
+def refuse_changed(what: str, changed: list[str], remedy: str) -> None:
+    """Raise StageConfigChanged, `<what> with a different config:` then one `key: old -> new` line per change (a
+    removed option's line says what replaced it) and the remedy; nothing when `changed` is empty."""
+    if not changed:
+        return
+    lines = [f"{line}   ({REMOVED_OPTIONS[key]})" if (key := line.split(":", 1)[0]) in REMOVED_OPTIONS else line
+             for line in changed]
+    raise StageConfigChanged(f"{what} with a different config:\n  " + "\n  ".join(lines) + f"\n{remedy}")
+
+
 @dataclass
 class Decision:
     run: bool
@@ -226,14 +250,9 @@ def decide(round_dir: Path, stage: str, config: Mapping[str, Any], inputs: Mappi
         return Decision(True, "not run yet")
     if force:
         return Decision(True, "forced")
-    changed = config_changes(manifest, config)
-    if changed:
-        raise StageConfigChanged(
-            f"{round_dir.name}/{stage} already finished with a different config:\n  "
-            + "\n  ".join(changed)
-            + f"\nRe-run with the old values to continue this run, use another run_name=… for a new run, or add "
-            f"force=[{stage}] to redo this stage (stages that read its output are redone too)."
-        )
+    refuse_changed(f"{round_dir.name}/{stage} already finished", config_changes(manifest, config),
+                   "Re-run with the old values to continue this run, use another run_name=… for a new run, or add "
+                   f"force=[{stage}] to redo this stage (stages that read its output are redone too).")
     if dict(manifest["inputs"]) != dict(inputs):
         return Decision(True, "its inputs changed (an upstream stage was redone)")
     if not outputs_present(round_dir, manifest):

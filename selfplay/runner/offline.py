@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 
 from selfplay.backends.chat import prompt_messages, response_messages
+from selfplay.backends.logprob_scorer import pair_margins
 from selfplay.backends.modeling import resolve_model_path, torch_device
 from selfplay.config import round_seed
 from selfplay.core.selection import PAIR_KEY
 from selfplay.errors import InputError
 from selfplay.rewards.scoring import build_scorer
 from selfplay.rundir import atomic
-from selfplay.stages.margin import compute_margins
 from selfplay.stages.select import select_pool
 
 log = logging.getLogger("selfplay")
@@ -150,7 +150,7 @@ def select_dataset(cfg, source: Path, target: Path) -> dict[str, Any]:
         raise InputError(f"selfplay select: input {source}: every row's chosen score is at most the rejected one's "
                          f"+ pair.min_margin={cfg.pair.min_margin}; nothing to select")
     policy = resolve_model_path(cfg.model.path)
-    scored = compute_margins(pairs, cfg, policy, device, "offline margin")
+    scored = pair_margins(pairs, cfg, policy, device, "offline margin")
     empty = (scored["n_tokens_chosen"] == 0) | (scored["n_tokens_rejected"] == 0)
     scored = scored[~empty].reset_index(drop=True)
     selected = select_pool(scored, cfg, round_seed(cfg.seed, 0), policy, device)

@@ -20,7 +20,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from selfplay.backends.modeling import check_weights, load_tokenizer, resolve_model_path
-from selfplay.config import STAGES
+from selfplay.backends.prompt_sources import heldout_prompts, train_prompts
+from selfplay.config import PER_COMMAND_KEYS, STAGES
 from selfplay.errors import SelfplayError
 from selfplay.reports.card import write_round_card
 from selfplay.reports.run_report import round_summary, write_report
@@ -38,7 +39,6 @@ from selfplay.stages.base import (
     stage_module,
     stage_outputs,
 )
-from selfplay.stages.prompts import heldout_prompts, train_prompts
 
 log = logging.getLogger("selfplay")
 
@@ -90,11 +90,9 @@ def _run_shard(module: Any, ctx: StageContext, shard: int, num_shards: int, conf
     shards.check_shard_count(rdir, stage, num_shards, config, inputs)
     done = shards.read_shard_manifests(rdir, stage).get(num_shards, {}).get(shard)
     if done is not None and not force:
-        changed = mf.config_changes(done, config)
-        if changed:
-            raise mf.StageConfigChanged(
-                f"{rdir.name}/{stage} shard {shard}/{num_shards} was computed with a different config:\n  "
-                + "\n  ".join(changed) + f"\nRe-run with the old values, or delete {shards.shard_dir(rdir, stage)}")
+        mf.refuse_changed(f"{rdir.name}/{stage} shard {shard}/{num_shards} was computed",
+                          mf.config_changes(done, config),
+                          f"Re-run with the old values, or delete {shards.shard_dir(rdir, stage)}")
         if done["inputs"] == inputs:
             log.info("%s skipped (complete)", label)
             return done
@@ -140,9 +138,13 @@ def _short(stats: dict[str, Any]) -> str:
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """<run>/config.yaml: every option of the run, resolved, less what only one command chose (PER_COMMAND_KEYS)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    for key in PER_COMMAND_KEYS:
+        settings.pop(key, None)
     # Concurrent shard processes each write their own temp file (named by pid).
-    atomic.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(settings))
 
 
 def remove_stale_temp_files(run_dir: Path) -> int:

@@ -92,10 +92,9 @@ def _complete(cfg: Any, run_dir: Path, stage: str, r: int) -> bool:
     manifest = mf.read_manifest(rdir, stage)
     if manifest is None or not mf.outputs_present(rdir, manifest):
         return False
-    changed = mf.config_changes(manifest, config_view(cfg, stage_config_keys(stage_module(stage), cfg)))
-    if changed:
-        raise mf.StageConfigChanged(f"{rdir.name}/{stage} already finished with a different config:\n  "
-                                    + "\n  ".join(changed) + "\nSubmit with the old values, or use another run_name=…")
+    mf.refuse_changed(f"{rdir.name}/{stage} already finished",
+                      mf.config_changes(manifest, config_view(cfg, stage_config_keys(stage_module(stage), cfg))),
+                      "Submit with the old values, or use another run_name=…")
     return True
 
 

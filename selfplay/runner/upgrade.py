@@ -56,7 +56,8 @@ def pin_old_behaviour(cfg: DictConfig, run_dir: Path, command_line_keys: Iterabl
     finished: list[dict[str, Any]] | None = None  # read once, and only when some migration could apply
     for migration in mf.MIGRATIONS if migrations is None else migrations:
         key = migration.key
-        if migration.before is mf.NO_VALUE or key in given or OmegaConf.select(cfg, key) != mf.schema_default(key):
+        if (migration.removed or migration.before is mf.NO_VALUE or key in given
+                or OmegaConf.select(cfg, key) != mf.schema_default(key)):
             continue
         if finished is None:
             finished = list(_finished_manifests(run_dir))

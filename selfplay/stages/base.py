@@ -172,12 +172,9 @@ def check_upstream_configs(cfg: DictConfig, run_dir: Path, stage: str, r: int) -
         manifest = mf.read_manifest(round_dir(run_dir, up_round), up_stage)
         if manifest is None:
             continue  # a missing direct input is input_fingerprints' to report
-        changed = mf.config_changes(manifest, config_view(cfg, stage_config_keys(stage_module(up_stage), cfg)))
-        if changed:
-            raise mf.StageConfigChanged(
-                f"{round_stage(r, stage)} reads {round_stage(up_round, up_stage)}, which finished with a different "
-                "config:\n  " + "\n  ".join(changed) + "\nRe-run with the old values to continue this run, or use "
-                "another run_name=… for a new run.")
+        mf.refuse_changed(f"{round_stage(r, stage)} reads {round_stage(up_round, up_stage)}, which finished",
+                          mf.config_changes(manifest, config_view(cfg, stage_config_keys(stage_module(up_stage), cfg))),
+                          "Re-run with the old values to continue this run, or use another run_name=… for a new run.")
 
 
 def policy_fingerprint(cfg: DictConfig) -> str:

@@ -20,17 +20,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from selfplay.backends.samplers import SamplingSpec, build_sampler, sampling_code_version
+from selfplay.backends.logprob_scorer import LogpScorer
+from selfplay.backends.prompt_sources import heldout_prompts
+from selfplay.backends.samplers import SamplingSpec, build_sampler, completions_frame, sampling_code_version
 from selfplay.config import round_seed
+from selfplay.core.stats import paired_gain, prompt_differences, win_rate
 from selfplay.rewards.ifeval import family
 from selfplay.rewards.scoring import build_scorer
 from selfplay.rundir import atomic
 from selfplay.rundir.layout import round_name
 from selfplay.rundir.manifest import fingerprint
 from selfplay.stages.base import config_view, policy_fingerprint
-from selfplay.stages.generate import completions_frame
-from selfplay.stages.margin import LogpScorer
-from selfplay.stages.prompts import heldout_prompts
 
 CONFIG = ("eval", "reward", "prompts", "sampler.backend", "sampler.max_new_tokens", "sampler.temperature", "sampler.top_p",
           "model.dtype", "model.trust_remote_code", "seed", "precision")
@@ -83,47 +83,8 @@ def _generate(ctx, policy_path, prompts: pd.DataFrame, label: str) -> pd.DataFra
                         seed=round_seed(cfg.seed, 999),
                         # vllm: the engine batches by itself; small chunks would only add drains
                         batch_size=cfg.sampler.batch_size if cfg.sampler.backend == "vllm" else cfg.eval.batch_size)
-    completions = sampler.generate(list(prompts["prompt"]), spec, desc=label, keys=[str(k) for k in prompts["prompt_id"]])
+    completions = sampler(list(prompts["prompt"]), spec, desc=label, keys=[str(k) for k in prompts["prompt_id"]])
     return completions_frame(prompts, completions)
-
-
-def win_rate(policy: pd.DataFrame, base: pd.DataFrame) -> dict[str, float]:
-    """Per prompt mean reward of the policy vs the base: wins, ties (half a win), losses."""
-    a = policy.groupby("prompt_id")["reward"].mean()
-    b = base.groupby("prompt_id")["reward"].mean().reindex(a.index)
-    wins, ties = int((a > b).sum()), int((a == b).sum())
-    losses = len(a) - wins - ties
-    return {"wins": wins, "ties": ties, "losses": losses, "win_rate_vs_base": (wins + 0.5 * ties) / len(a)}
-
-
-def prompt_differences(policy: pd.DataFrame, base: pd.DataFrame) -> pd.Series:
-    """Per held-out prompt, the policy's mean reward minus π_0's on the same prompt (both frames: prompt_id, reward)."""
-    mine = policy.groupby("prompt_id")["reward"].mean()
-    return mine - base.groupby("prompt_id")["reward"].mean().reindex(mine.index)
-
-
-def paired_gain(diff: np.ndarray, seed: int = 0, draws: int = 20_000) -> dict[str, float]:
-    """The gain over π_0 from per-prompt differences: mean, paired s.e., a 95% interval (normal; the held-out set has
-    ≥ 100 prompts by default) and the two-sided p-value of a paired sign-flip permutation test (no assumption on the
-    shape of the differences, which are mostly 0 and a few thirds): exact over every sign pattern when at most 16
-    prompts differ, else `draws` seeded random flips."""
-    diff = np.asarray(diff, dtype=float)
-    n = len(diff)
-    gain = float(diff.mean()) if n else 0.0
-    stderr = float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
-    nonzero = diff[diff != 0]
-    observed = abs(nonzero.sum())
-    if len(nonzero) == 0:
-        p_value = 1.0
-    elif len(nonzero) <= 16:
-        signs = 1 - 2 * ((np.arange(2 ** len(nonzero))[:, None] >> np.arange(len(nonzero))) & 1)
-        p_value = float((np.abs(signs @ nonzero) >= observed - 1e-12).mean())
-    else:
-        signs = np.random.default_rng(seed).choice((-1.0, 1.0), size=(draws, len(nonzero)))
-        # the observed sign pattern counts as one of the draws, so p is never 0
-        p_value = float(((np.abs(signs @ nonzero) >= observed - 1e-12).sum() + 1) / (draws + 1))
-    return {"reward_gain_vs_base": gain, "reward_gain_stderr": stderr, "reward_gain_ci95_low": gain - 1.96 * stderr,
-            "reward_gain_ci95_high": gain + 1.96 * stderr, "reward_gain_p_value": p_value}
 
 
 def family_split(prompts: pd.DataFrame, policy: pd.DataFrame, base: pd.DataFrame, eval_only: list[str]) -> dict:

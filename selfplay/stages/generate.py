@@ -18,7 +18,7 @@ import pandas as pd
 
 from selfplay.backends.chat import template_sha256
 from selfplay.backends.modeling import load_tokenizer
-from selfplay.backends.samplers import SamplingSpec, build_sampler
+from selfplay.backends.samplers import SamplingSpec, build_sampler, completions_frame
 from selfplay.config import round_seed
 from selfplay.rundir import faults, preemption, shards
 from selfplay.rundir.checkpoints import ChunkStore
@@ -38,22 +38,6 @@ CONFIG = ("model.dtype", "model.trust_remote_code", "seed", "sampler.backend", "
 
 def requires(r: int, cfg=None) -> list[tuple[int, str]]:
     return [(r, "prompts")] + ([(r - 1, "train")] if r > 0 else [])
-
-
-def completions_frame(prompts: pd.DataFrame, completions: list) -> pd.DataFrame:
-    """One row per completion, with its prompt's columns first."""
-    rows = pd.DataFrame(
-        {
-            "sample_idx": [c.sample_idx for c in completions],
-            "response": [c.response for c in completions],
-            "n_tokens": [c.n_tokens for c in completions],
-            "finish_reason": [c.finish_reason for c in completions],
-        }
-    )
-    prompt_rows = prompts.iloc[[c.prompt_index for c in completions]].reset_index(drop=True)
-    first = ["prompt_id", "prompt"]
-    extra = [c for c in prompt_rows.columns if c not in first]
-    return pd.concat([prompt_rows[first], rows, prompt_rows[extra]], axis=1)
 
 
 def compute(ctx, shard: int, num_shards: int) -> Iterator[pd.DataFrame]:
@@ -89,7 +73,7 @@ def compute(ctx, shard: int, num_shards: int) -> Iterator[pd.DataFrame]:
                                     seed=round_seed(cfg.seed, ctx.round), batch_size=s.batch_size,
                                     first_batch=w * s.sort_window_batches, sort_window=window)
                 skipped, started = sampler.skipped_overlong, time.time()
-                completions = sampler.generate(list(rows["prompt"]), spec, keys=[str(k) for k in rows["prompt_id"]],
+                completions = sampler(list(rows["prompt"]), spec, keys=[str(k) for k in rows["prompt_id"]],
                                                desc=label + (f" window {w + 1}/{len(windows)}" if len(windows) > 1 else ""))
                 chunk = (completions_frame(rows, completions),
                          dict(prompts=len(rows), skipped_overlong_prompts=sampler.skipped_overlong - skipped,

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from selfplay.errors import SelfplayError
-from selfplay.rewards.scoring import scorer_session
+from selfplay.rewards.scoring import build_scorer
 from selfplay.rundir import atomic, tables
 from selfplay.rundir.shards import shard_span
 
@@ -50,7 +50,7 @@ def compute(ctx, shard: int, num_shards: int) -> Iterator[pd.DataFrame]:
     label = f"round {ctx.round} score" + (f" {shard}/{num_shards}" if num_shards > 1 else "")
     yield pd.DataFrame({"row": pd.Series(dtype="int64"), "prompt_id": pd.Series(dtype=object),
                         "sample_idx": pd.Series(dtype="int64"), "reward": pd.Series(dtype="float64")})
-    with scorer_session(ctx.cfg, ctx.device) as scorer:
+    with build_scorer(ctx.cfg, ctx.device) as scorer:
         for w, (start, _, frame) in enumerate(tables.iter_windows(path, spans[lo:hi]), start=lo):
             rewards = scorer(frame, desc=label + (f" window {w + 1}/{len(spans)}" if len(spans) > 1 else ""))
             rows = rewards.index.to_numpy()

@@ -32,11 +32,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from selfplay.backends.embeddings import pair_similarity
+from selfplay.backends.logprob_scorer import pair_margins
 from selfplay.config import round_seed
 from selfplay.core.selection import PAIR_KEY, resolve_weight, select
 from selfplay.rundir import atomic, tables
 from selfplay.rundir.layout import round_name
-from selfplay.stages.margin import compute_margins
 
 log = logging.getLogger("selfplay")
 
@@ -49,8 +49,8 @@ def CONFIG(cfg) -> tuple[str, ...]:  # noqa: N802 — the runner reads CONFIG fr
     """metric=real and accumulate run π_r (and the reference) over the training tokens: those keys count too."""
     runs_policy = cfg.selection.metric == "real" or cfg.selection.accumulate
     return ("selection", "seed") + (("model.dtype", "model.reference", "trainer.objective", "trainer.mmpo_logits",
-                                     "trainer.max_length", "margin", "trainer.bf16", "precision")
-                                    if runs_policy else ())
+                                     "trainer.max_length", "margin", "precision")
+                                    + (("trainer.beta",) if cfg.model.reference else ()) if runs_policy else ())
 
 
 def requires(r: int, cfg=None) -> list[tuple[int, str]]:
@@ -112,7 +112,7 @@ def accumulated(ctx) -> pd.DataFrame:
         return earlier
     # Prompt ids may repeat across rounds (a prompt file wraps around): key responses by round as well.
     keyed = earlier.assign(prompt_id=earlier["round"].astype(str) + "/" + earlier["prompt_id"].astype(str))
-    rescored = compute_margins(keyed, ctx.cfg, ctx.policy_path(), ctx.device, f"round {ctx.round} earlier pairs")
+    rescored = pair_margins(keyed, ctx.cfg, ctx.policy_path(), ctx.device, f"round {ctx.round} earlier pairs")
     return rescored.assign(prompt_id=earlier["prompt_id"].to_numpy())
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from selfplay.backends.modeling import torch_device
+from selfplay.backends.precision import train_bf16
 from selfplay.config import conf_dir
 from selfplay.errors import SelfplayError
 from selfplay.rundir import preemption
@@ -90,7 +91,7 @@ def launch_command(cfg: Any, topo: Topology, worker_args: list[str], machine_ran
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(t.distributed)),
                "--num_processes", str(topo.world_size), "--num_machines", str(topo.nodes),
                "--machine_rank", machine_rank, "--main_process_ip", topo.main_address,
-               "--main_process_port", str(topo.main_port), "--mixed_precision", "bf16" if t.bf16 else "no"]
+               "--main_process_port", str(topo.main_port), "--mixed_precision", "bf16" if train_bf16(cfg) else "no"]
     if t.distributed == "deepspeed_zero3":
         command += ["--gradient_accumulation_steps", str(t.gradient_accumulation_steps)]
     return [*command, "-m", "selfplay.train_worker", *worker_args]
@@ -178,7 +179,7 @@ def estimate_memory(cfg: Any, model_path: Path, world_size: int) -> dict[str, fl
     """Estimated peak memory per device, by component (the module docstring's formula), in GiB."""
     total, trainable, mc = count_parameters(model_path, cfg)
     t = cfg.trainer
-    b = 2 if t.bf16 and cfg.model.dtype == "auto" else _bytes_per_weight(cfg.model.dtype, mc)
+    b = 2 if train_bf16(cfg) and cfg.model.dtype == "auto" else _bytes_per_weight(cfg.model.dtype, mc)
     shard = world_size if t.distributed in SHARDED else 1
     layers = getattr(mc, "num_hidden_layers", 0) or 0
     hidden = getattr(mc, "hidden_size", 0) or 0

@@ -6,21 +6,19 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from selfplay.backends.precision import engine_dtype, stage_bf16
-from selfplay.backends.samplers.base import Completion, Sampler, SamplingSpec
+from selfplay.backends.samplers.base import Completion, Sampler, SamplingSpec, completions_frame
 from selfplay.backends.samplers.hf import HFSampler
 from selfplay.backends.samplers.vllm import VLLMSampler
 from selfplay.config import conf_dir
 from selfplay.errors import SelfplayError
 
-__all__ = ["Completion", "Sampler", "SamplingSpec", "build_sampler", "resolve_backend"]
+__all__ = ["Completion", "Sampler", "SamplingSpec", "build_sampler", "completions_frame", "resolve_backend"]
 
 log = logging.getLogger("selfplay")
 
@@ -49,19 +47,9 @@ def hf_preset() -> Any:
     return OmegaConf.load(conf_dir() / "sampler" / "hf.yaml")
 
 
-def _hf_backend(cfg: Any, model_path: Any, device: Any) -> Sampler:
-    return HFSampler(model_path=model_path, dtype=engine_dtype(cfg), device=device,
-                     trust_remote_code=cfg.model.trust_remote_code, bf16=stage_bf16(cfg))
-
-
-def _vllm_backend(cfg: Any, model_path: Any, device: Any) -> Sampler:
-    return VLLMSampler(model_path=model_path, dtype=engine_dtype(cfg), device=device,
-                       trust_remote_code=cfg.model.trust_remote_code, sampler_cfg=cfg.sampler, ray_cfg=cfg.ray)
-
-
-# The registry: sampler.backend → the function that builds that sampler for one policy. Samplers never train:
-# precision=bf16 holds bf16 weights (engine_dtype) in either backend.
-SAMPLERS: dict[str, Callable[[Any, Any, Any], Sampler]] = {"hf": _hf_backend, "vllm": _vllm_backend}
+# The registry: sampler.backend → its sampler class, built for one policy by `from_config(cfg, model_path, device)`.
+# Samplers never train: precision=bf16 holds bf16 weights (engine_dtype) in either backend.
+SAMPLERS: dict[str, type[Sampler]] = {"hf": HFSampler, "vllm": VLLMSampler}
 
 
 # What decides a sampler's responses besides its config and weights: this package's sampling code and the libraries
@@ -92,4 +80,4 @@ def sampling_code_version(root: Path = PACKAGE_DIR) -> str:
 
 def build_sampler(cfg: Any, model_path: Any, device: Any) -> Sampler:
     """The `sampler.backend` sampler for one policy, built from the run's config."""
-    return SAMPLERS[cfg.sampler.backend](cfg, model_path, device)
+    return SAMPLERS[cfg.sampler.backend].from_config(cfg, model_path, device)

@@ -1,9 +1,14 @@
-"""What every sampler backend shares: the Sampler interface, the request (SamplingSpec) and the result (Completion)."""
+"""What every sampler backend shares: the Sampler interface, the request (SamplingSpec), the result (Completion) and
+its table (completions_frame)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
+
+import pandas as pd
+
+from selfplay.backends.base import Backend
 
 
 @dataclass
@@ -43,18 +48,32 @@ class SamplingSpec:
     sort_window: int = 0
 
 
-class Sampler(Protocol):
-    """What every backend is: a context manager that owns its engine for the block, and `generate`, which returns one
-    Completion per (prompt, sample) that it ran. `skipped_overlong` counts the prompts it skipped for having no room
-    for a response (sampler.overlong_prompts=skip); a backend that never skips keeps it at 0. `timings` holds its
-engine start-up seconds (`engine_start_s`) where it starts engines."""
+class Sampler(Backend):
+    """A sampler backend (selfplay/backends/base.py): a context manager that owns its engine for the block, called as
+    `sampler(prompts, spec, desc, keys)`, which returns one Completion per (prompt, sample) that it ran.
+    `skipped_overlong` counts the prompts it skipped for having no room for a response
+    (sampler.overlong_prompts=skip); a backend that never skips keeps it at 0. `timings` holds its engine start-up
+    seconds (`engine_start_s`) where it starts engines."""
 
-    skipped_overlong: int
+    skipped_overlong: int = 0
     timings: dict[str, float]
 
-    def __enter__(self) -> Sampler: ...
+    def __call__(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate",
+                 keys: list[str] | None = None) -> list[Completion]:
+        raise NotImplementedError
 
-    def __exit__(self, *exc: Any) -> None: ...
 
-    def generate(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate",
-                 keys: list[str] | None = None) -> list[Completion]: ...
+def completions_frame(prompts: pd.DataFrame, completions: list[Completion]) -> pd.DataFrame:
+    """One row per completion, with its prompt's columns first."""
+    rows = pd.DataFrame(
+        {
+            "sample_idx": [c.sample_idx for c in completions],
+            "response": [c.response for c in completions],
+            "n_tokens": [c.n_tokens for c in completions],
+            "finish_reason": [c.finish_reason for c in completions],
+        }
+    )
+    prompt_rows = prompts.iloc[[c.prompt_index for c in completions]].reset_index(drop=True)
+    first = ["prompt_id", "prompt"]
+    extra = [c for c in prompt_rows.columns if c not in first]
+    return pd.concat([prompt_rows[first], rows, prompt_rows[extra]], axis=1)

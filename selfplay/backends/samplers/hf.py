@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 from selfplay.backends.chat import generation_prompt_ids
 from selfplay.backends.modeling import load_causal_lm, load_tokenizer
-from selfplay.backends.samplers.base import Completion, SamplingSpec, completion_from_tokens
+from selfplay.backends.precision import engine_dtype, stage_bf16
+from selfplay.backends.samplers.base import Completion, Sampler, SamplingSpec, completion_from_tokens
 
 log = logging.getLogger("selfplay")
 
@@ -77,7 +78,7 @@ class SampleByCDF:
         return torch.full_like(scores, -float("inf")).scatter_(1, picked, 0.0)
 
 
-class HFSampler:
+class HFSampler(Sampler):
     def __init__(self, model_path: Path, dtype: str, device: Any, trust_remote_code: bool = False,
                  bf16: bool = False):
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
@@ -95,13 +96,12 @@ class HFSampler:
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
 
-    def __enter__(self) -> HFSampler:  # samplers.Sampler: the vLLM sampler's engines live for the block
-        return self
+    @classmethod
+    def from_config(cls, cfg: Any, model_path: Path, device: Any) -> HFSampler:
+        return cls(model_path=model_path, dtype=engine_dtype(cfg), device=device,
+                   trust_remote_code=cfg.model.trust_remote_code, bf16=stage_bf16(cfg))
 
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-    def generate(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate",
+    def __call__(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate",
                  keys: list[str] | None = None) -> list[Completion]:
         # `keys` (prompt ids) is unused here: this backend seeds per batch, by the batch's index in the list.
         import torch

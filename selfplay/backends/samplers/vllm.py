@@ -15,7 +15,8 @@ from typing import Any
 
 from selfplay.backends.chat import generation_prompt_ids
 from selfplay.backends.modeling import load_tokenizer
-from selfplay.backends.samplers.base import Completion, SamplingSpec, completion_from_tokens
+from selfplay.backends.precision import engine_dtype
+from selfplay.backends.samplers.base import Completion, Sampler, SamplingSpec, completion_from_tokens
 from selfplay.backends.vllm_engine import EnginePool, engine_spec
 from selfplay.errors import InputError
 
@@ -41,7 +42,7 @@ def eos_token_ids(model_path: Path, tokenizer: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-class VLLMSampler:
+class VLLMSampler(Sampler):
     def __init__(self, model_path: Path, dtype: str, device: Any, trust_remote_code: bool = False, *,
                  sampler_cfg: Any, ray_cfg: Any):
         self.model_path = model_path
@@ -55,18 +56,27 @@ class VLLMSampler:
         self.timings: dict[str, float] = {"engine_start_s": 0.0, "generation_s": 0.0}
         self._pool: EnginePool | None = None
 
+    @classmethod
+    def from_config(cls, cfg: Any, model_path: Path, device: Any) -> VLLMSampler:
+        return cls(model_path=model_path, dtype=engine_dtype(cfg), device=device,
+                   trust_remote_code=cfg.model.trust_remote_code, sampler_cfg=cfg.sampler, ray_cfg=cfg.ray)
+
     def __enter__(self) -> VLLMSampler:
-        """Keep the engines up across generate() calls (a stage's checkpointed windows) until the block ends."""
-        self._pool = EnginePool(self.spec, self.num_engines, self.ray_cfg.address, self.ray_cfg.num_cpus).__enter__()
-        self.timings["engine_start_s"] += round(self._pool.start_seconds, 2)
+        """Keep the engines up across calls (a stage's checkpointed windows) until the block ends."""
+        super().__enter__()
+        self._start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def _start(self) -> None:
+        self._pool = EnginePool(self.spec, self.num_engines, self.ray_cfg.address, self.ray_cfg.num_cpus).__enter__()
+        self.timings["engine_start_s"] += round(self._pool.start_seconds, 2)
+
+    def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            pool.__exit__(*exc)
+            pool.__exit__(None, None, None)
 
-    def generate(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate",
+    def __call__(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate",
                  keys: list[str] | None = None) -> list[Completion]:
         keys = keys if keys is not None else [str(i) for i in range(len(prompts))]
         encoded = [generation_prompt_ids(self.tokenizer, p) for p in prompts]
@@ -95,17 +105,13 @@ class VLLMSampler:
             params.update(temperature=0.0)
         else:
             params.update(temperature=spec.temperature, top_p=spec.top_p)
-        own_engines = self._pool is None  # outside a `with sampler:` block the engines live for this call only
-        if own_engines:
-            self.__enter__()
-        try:
+        with self.engines_for_call():  # outside a `with sampler:` block the engines live for this call only
+            if self._pool is None:
+                self._start()
             started = time.time()
             outputs = self._pool.map("generate", requests, params, desc=desc, unit="resp",
                                      count=lambda _, result: sum(len(ids) for ids, _ in result))
             self.timings["generation_s"] = round(self.timings["generation_s"] + time.time() - started, 2)
-        finally:
-            if own_engines:
-                self.__exit__(None, None, None)
         results: list[Completion] = []
         for chunk, chunk_out in zip(chunks, outputs, strict=True):
             # the engine stops at an end-of-turn id, so "stop" ⇔ the ids end with one (finish reason not needed)
