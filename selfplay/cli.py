@@ -18,20 +18,27 @@ Re-running the same command resumes: complete stages are skipped.
 
 from __future__ import annotations
 
+import copy
 import errno
+import functools
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import hydra
 from hydra import compose, initialize_config_dir
+from hydra._internal.callbacks import Callbacks  # private: used in `_through_hydra` only
+from hydra._internal.utils import _run_hydra, get_args_parser, run_and_report  # private: `_through_hydra` only
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import OmegaConf
+from hydra.core.utils import configure_log, run_job
+from hydra.types import HydraContext, RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from selfplay.config import STAGES, conf_dir, run_name_problem, validate
+from selfplay.config import STAGES, conf_dir, removed_option_problem, run_name_problem, validate
 from selfplay.errors import SelfplayError
 from selfplay.reports.comparison import find_runs, is_comparison
 from selfplay.reports.status import format_status, run_status, status_json
@@ -45,10 +52,26 @@ from selfplay.runner.sweeps import SWEPT_KEYS_ENV, is_sweep, sweep_jobs, sweep_r
 
 log = logging.getLogger("selfplay")
 USAGE = __doc__
-_task: dict[str, str | None] = {"command": None, "stage": None}
 
 
-def _app(cfg) -> None:
+@dataclass(frozen=True)
+class Task:
+    """What `selfplay run|stage` asks of the Hydra job (`_app`), handed to it explicitly. checked: this process
+    composed the config once and validated it (and for `run` checked the models, reward and prompts: `preflight`)
+    before Hydra made the run directory; a sweep's jobs are composed by Hydra's sweeper and check themselves."""
+
+    command: str = "run"  # "run" or "stage"
+    stages: str | None = None  # `selfplay stage NAME[,NAME…]`
+    checked: bool = False
+
+
+def _job(task: Task) -> Callable[[DictConfig], None]:
+    """Hydra's task function: `_app` with `task` bound. A partial of module-level names, so a launcher that ships
+    it to another process (submitit) pickles it; wrapped, so Hydra names the job after `_app`'s module as before."""
+    return functools.update_wrapper(functools.partial(_app, task), _app)
+
+
+def _app(task: Task, cfg: DictConfig) -> None:
     from selfplay.backends import precision
     from selfplay.backends.samplers import resolve_backend
     from selfplay.runner import compare, pipeline, upgrade
@@ -56,7 +79,8 @@ def _app(cfg) -> None:
     logging.getLogger("selfplay").setLevel(logging.INFO)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        validate(cfg)
+        if not task.checked:  # a sweep's job: composed by Hydra's sweeper, checked here
+            validate(cfg)
         keys = [o.split("=")[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
         upgrade.pin_old_behaviour(cfg, run_dir, keys)  # a run begun by an older selfplay keeps its old defaults
         upgrade.keep_settled_values(cfg, run_dir, keys)  # and the precision and sampler it began with
@@ -67,30 +91,20 @@ def _app(cfg) -> None:
         OmegaConf.set_readonly(cfg, True)
         if HydraConfig.get().mode != RunMode.MULTIRUN:  # a sweep's launcher (submitit) keeps its own handlers
             preemption.install()  # SIGTERM/USR1/USR2: stop at the next checkpoint, exit 75 for a requeue
-        # One writer per run directory (already held when `_hydra` checked before Hydra started); a sweep's jobs
-        # each hold their own. Shards of one stage write disjoint parts and share it.
+        # One writer per run directory (already held when `_check` ran before Hydra started); a sweep's jobs each
+        # hold their own. Shards of one stage write disjoint parts and share it.
         runlock.acquire(run_dir, shared=cfg.shard is not None)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             sweeps.record_job(run_dir, list(HydraConfig.get().overrides.task))
-        if _task["command"] in ("run", None):  # None: a sweep job started by a Hydra launcher (submitit) runs `run`
+        if task.command == "run":
             if cfg.shard is not None:
                 raise SelfplayError("shard=/num_shards= belong to `selfplay stage generate|score|margin round=R`")
             if cfg.compare.arms:  # experiment=compare: a whole run per arm and seed (selfplay/runner/compare.py)
                 compare.run(cfg, run_dir)
             else:
-                pipeline.run(cfg, run_dir, preflight_done=_task.get("preflight_done") == "yes")
+                pipeline.run(cfg, run_dir, preflight_done=task.checked)
             return
-        stages = _task["stage"].split(",")
-        unknown = [s for s in stages if s not in STAGES]
-        if unknown:
-            raise SelfplayError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}")
-        if cfg.round is None:
-            raise SelfplayError(f"`selfplay stage {_task['stage']}` needs round=R")
-        if cfg.shard is not None and (len(stages) > 1 or stages[0] not in SHARDED_STAGES):
-            raise SelfplayError(f"shard=/num_shards= apply to one of {', '.join(SHARDED_STAGES)}, "
-                                f"not {_task['stage']}")
-        for stage in stages:
-            pipeline.run_stage(cfg, run_dir, stage, cfg.round, set(cfg.force), cfg.shard, cfg.num_shards)
+        _run_stages(task.stages or "", cfg, run_dir)
     except preemption.Preempted as err:
         log.error("%s", err)
         sys.exit(preemption.EXIT_PREEMPTED)  # the job script requeues on this code (selfplay/runner/slurm.py)
@@ -109,6 +123,22 @@ def _app(cfg) -> None:
         preemption.uninstall()
 
 
+def _run_stages(names: str, cfg: DictConfig, run_dir: Path) -> None:
+    """`selfplay stage NAME[,NAME…] round=R [shard=i num_shards=n]`: those stages of one round, in order."""
+    from selfplay.runner import pipeline
+
+    stages = names.split(",")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise SelfplayError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}")
+    if cfg.round is None:
+        raise SelfplayError(f"`selfplay stage {names}` needs round=R")
+    if cfg.shard is not None and (len(stages) > 1 or stages[0] not in SHARDED_STAGES):
+        raise SelfplayError(f"shard=/num_shards= apply to one of {', '.join(SHARDED_STAGES)}, not {names}")
+    for stage in stages:
+        pipeline.run_stage(cfg, run_dir, stage, cfg.round, set(cfg.force), cfg.shard, cfg.num_shards)
+
+
 def disk_full(err: BaseException | None) -> bool:
     """Whether an exception (or one it was raised from) is the filesystem being full, whichever library wrote:
     an OSError with ENOSPC, or safetensors' and others' wrapped "No space left on device"."""
@@ -121,7 +151,10 @@ def disk_full(err: BaseException | None) -> bool:
     return False
 
 
-def _hydra(overrides: list[str]) -> int:
+def _hydra(task: Task, overrides: list[str]) -> int:
+    """`selfplay run|stage [overrides…]`. A plain list of overrides is one run: its config is composed once, checked
+    (and the run directory locked) before Hydra creates the directory, then run as Hydra's job. With one of Hydra's
+    flags (-m/--multirun sweeps, --cfg, --info, --help …) the arguments go to Hydra's own command line instead."""
     # Hydra creates the run directory before the config is validated: refuse a run_name that leads elsewhere first.
     for override in overrides:
         key, _, value = override.partition("=")
@@ -129,31 +162,45 @@ def _hydra(overrides: list[str]) -> int:
             print(f"run_name: {problem}", file=sys.stderr)
             return 2
     sweeps.register()
-    multirun = any(o in ("-m", "--multirun") for o in overrides)
-    if not multirun and (code := _check_before_hydra(overrides)) is not None:
-        return code
-    if multirun:  # the jobs' directories are named by these keys (selfplay/runner/sweeps.py)
-        swept = swept_keys(overrides)
-        for job in sweep_jobs(overrides) or []:  # every job's config checked before Hydra makes the sweep's dirs
-            named = " ".join(o for o in job if o.split("=")[0].lstrip("+~") in swept)
-            if (code := _check_before_hydra(job, lock=False, label=f"sweep job {named}: ")) is not None:
-                return code
-        os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
-    sys.argv = ["selfplay", *overrides]
-    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_app)()
-    return 0
+    if any(o in ("-m", "--multirun", "hydra.mode=MULTIRUN") for o in overrides):
+        if (code := _check_sweep(overrides)) is not None:
+            return code
+    elif not any(o.startswith("-") for o in overrides):
+        return _through_hydra(_job(replace(task, checked=True)), overrides,
+                              check=lambda cfg: _check_run(task, cfg))
+    return _through_hydra(_job(task), overrides)
 
 
-def _check_before_hydra(overrides: list[str], lock: bool = True, label: str = "") -> int | None:
-    """Validate the config and take the run directory's lock before Hydra creates the directory or writes its
-    .hydra/ files and log into it: a bad option (or a run another process is writing) touches nothing. Returns an
-    exit code to stop with, or None to go on. A config that does not compose is left to Hydra, whose error names
-    the key."""
-    try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-    except Exception:  # noqa: BLE001 — Hydra reports it below, with the key
-        return None
+def _check_run(task: Task, cfg: DictConfig) -> int | None:
+    """The one run's config, as composed (with its hydra node): checked, and its run directory locked, before Hydra
+    creates the directory or writes its .hydra/ files and log into it: a bad option (or a run another process is
+    writing) touches nothing. Returns an exit code to stop with, or None to go on."""
+    job_cfg = copy.deepcopy(cfg)  # the job's config, as Hydra hands it to `_app`: without the hydra node
+    with read_write(job_cfg), open_dict(job_cfg):
+        del job_cfg["hydra"]
+    return _check(job_cfg, preflight=task.command == "run", lock_dir=Path(cfg.hydra.run.dir))
+
+
+def _check_sweep(overrides: list[str]) -> int | None:
+    """Every job's config of a sweep, checked before Hydra makes the sweep's directories (each job's own process
+    takes its directory's lock). A job whose config does not compose is left to Hydra, whose error names the key."""
+    swept = swept_keys(overrides)  # the jobs' directories are named by these keys (selfplay/runner/sweeps.py)
+    for job in sweep_jobs(overrides) or []:
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+                cfg = compose("config", overrides=job)
+        except Exception:  # noqa: BLE001 — Hydra reports it, with the key
+            continue
+        named = " ".join(o for o in job if o.split("=")[0].lstrip("+~") in swept)
+        if (code := _check(cfg, label=f"sweep job {named}: ")) is not None:
+            return code
+    os.environ[SWEPT_KEYS_ENV] = ",".join(swept)
+    return None
+
+
+def _check(cfg: DictConfig, preflight: bool = False, lock_dir: Path | None = None, label: str = "") -> int | None:
+    """validate (and preflight: the models, reward function and prompt files) and take `lock_dir`'s lock; an error
+    is printed as one line and returned as exit code 2, else None."""
     # Hydra's logging starts with the run; until then (a first run converts the embedded model here) log plainly.
     early = logging.StreamHandler(sys.stderr)
     early.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
@@ -161,21 +208,49 @@ def _check_before_hydra(overrides: list[str], lock: bool = True, label: str = ""
     log.setLevel(logging.INFO)
     try:
         validate(cfg)
-        if not lock:  # a sweep's job: its own process checks its inputs and takes its directory's lock
-            return None
-        if _task["command"] == "run":  # the models, reward function and prompt files, before Hydra starts
-            from selfplay.runner.pipeline import preflight
+        if preflight:
+            from selfplay.runner.pipeline import preflight as check_inputs
 
-            preflight(cfg)
-            _task["preflight_done"] = "yes"
-        if not any(o.lstrip("+~").startswith("hydra.run.dir=") for o in overrides):
-            runlock.acquire(Path(cfg.output_root) / cfg.run_name, shared=cfg.shard is not None)
+            check_inputs(cfg)
+        if lock_dir is not None:
+            runlock.acquire(lock_dir, shared=cfg.shard is not None)
     except SelfplayError as err:
         print(f"error: {label}{err}", file=sys.stderr)
         return 2
     finally:
         log.removeHandler(early)
     return None
+
+
+def _through_hydra(job: Callable[[DictConfig], None], args: list[str],
+                   check: Callable[[DictConfig], int | None] | None = None) -> int:
+    """Hydra's private API (hydra._internal, Hydra 1.3) is used here and nowhere else: `run_and_report` (Hydra's
+    error report: a config error's message without a traceback, exit 1), `Callbacks` (the hydra.callbacks a job's
+    HydraContext carries), `get_args_parser` and `_run_hydra` (hydra.main's body, given `args` instead of sys.argv),
+    and the Hydra object's `compose_config` (the compose API without its from_shell=False, so an error's quoting
+    hint is the shell's, as hydra.main gives it). With `check`: compose once, check, then run the job as hydra.main
+    does (hydra.run.dir, .hydra/*.yaml, the job's log, HydraConfig). Without: Hydra's whole command line."""
+    if check is None:
+        parser = get_args_parser()
+        parser.prog = "selfplay"
+        _run_hydra(args=parser.parse_args(args), args_parser=parser, task_function=job,
+                   config_path=str(conf_dir()), config_name="config")
+        return 0
+    if not any(a.startswith("hydra.mode=") for a in args):
+        args = [*args, "hydra.mode=RUN"]  # as hydra.main records a single run
+    with initialize_config_dir(config_dir=str(conf_dir()), job_name="cli", version_base="1.3"):
+        app = GlobalHydra.instance().hydra
+        cfg = run_and_report(lambda: app.compose_config("config", args, run_mode=RunMode.RUN))
+        if (code := check(cfg)) is not None:
+            return code
+        configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
+        callbacks = Callbacks(cfg)
+        callbacks.on_run_start(config=cfg, config_name="config")
+        ret = run_job(task_function=job, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None,
+                      hydra_context=HydraContext(config_loader=app.config_loader, callbacks=callbacks))
+        callbacks.on_run_end(config=cfg, config_name="config", job_return=ret)
+        run_and_report(lambda: ret.return_value)  # the job's exception, reported as hydra.main reports it
+    return 0
 
 
 def _status(args: list[str]) -> int:
@@ -308,15 +383,16 @@ def _main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if command in ("run", "stage", "submit", "select") and (problem := removed_option_problem(rest)):
+        print(f"error: {problem}", file=sys.stderr)  # with what replaced it, not as Hydra's unknown key
+        return 2
     if command == "run":
-        _task.update(command="run", stage=None)
-        return _hydra(rest)
+        return _hydra(Task("run"), rest)
     if command == "stage":
         if not rest or "=" in rest[0]:
             print("usage: selfplay stage NAME[,NAME…] round=R [shard=i num_shards=n] [overrides…]", file=sys.stderr)
             return 2
-        _task.update(command="stage", stage=rest[0])
-        return _hydra(rest[1:])
+        return _hydra(Task("stage", stages=rest[0]), rest[1:])
     if command == "status":
         return _status(rest)
     if command == "submit":
