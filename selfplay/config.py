@@ -133,7 +133,7 @@ def parse_arm(arm: str) -> dict[str, Any]:
         else:
             raise SelfplayError(f"compare.arms: {arm!r}: unknown option -{option} (auto, signed, w<number>)")
     return out
-PAIR_STRATEGIES = ("best_worst", "best_random", "all")
+PAIR_STRATEGIES = ("best_worst", "best_random", "best_mu2sigma", "all")
 OBJECTIVES = ("dpo", "simpo", "mmpo")
 MMPO_LOGITS = ("dpo", "simpo")
 DISTRIBUTED = ("none", "ddp", "fsdp", "deepspeed_zero3")
@@ -305,13 +305,19 @@ def check_reward(cfg: Any) -> None:
 @dataclass
 class PairConfig:
     # best_worst: chosen = highest reward, rejected = lowest (one pair per prompt); best_random: chosen = highest,
-    # rejected = a seeded random other sample with a lower reward; all: every pair of samples whose rewards differ by
+    # rejected = a seeded random other sample with a lower reward; best_mu2sigma: chosen = highest, rejected = the
+    # sample nearest μ − 2σ of the prompt's rewards (arXiv 2502.16825; as best_worst for sampler.n ≤ 5, see
+    # selfplay/core/pairing.py); all: every pair of samples whose rewards differ by
     # more than min_margin (up to n(n−1)/2 per prompt; each response is still rescored once). The default, all, gave
     # the embedded default 3-4x the pairs of best_worst from the same samples, and the larger gain
     # (bench/results/default_calibration/).
     strategy: str = option("all", choices=PAIR_STRATEGIES)
     # Pairs whose explicit margin is at most this are dropped as ties (0: only exact ties).
     min_margin: float = option(0.0, ge=0)
+    # Research setting, off by default: a noisy judge. This seeded fraction of the pairs has its chosen and rejected
+    # responses swapped while the judge's rewards and margin stay as they were, so the judge prefers the worse
+    # response by the margin it gave (selfplay/core/pairing.py: flip_labels). The pairs carry `label_flipped`.
+    flip_fraction: float = option(0.0, ge=0, le=1)
 
 
 @dataclass

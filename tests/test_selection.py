@@ -225,3 +225,38 @@ def test_prompt_evolution_filters_and_cleaning():
     kept, counts = keep_rewrites(heads, tails, rewrites, 5.0, existing={"Plan a three-day trip."})
     assert kept == [0]
     assert counts == {"evolve_empty": 1, "evolve_unchanged": 1, "evolve_length_ratio": 1, "evolve_duplicate": 2}
+
+
+def test_mu_minus_2sigma_pairing_by_hand():
+    """13 samples: μ = 7.2/13 = 0.5538, σ = √(0.6523/13) = 0.2240, μ − 2σ = 0.1058. The rejected is 0.2 (0.094 away),
+    not the minimum 0.0 (0.106 away); the chosen is the 1.0."""
+    from selfplay.core import pairing
+
+    reward = np.array([1.0] + [0.6] * 10 + [0.2, 0.0])
+    chosen, rejected, ties = pairing.best_mu2sigma(np.array(["p"] * 13, dtype=object), np.arange(13), reward)
+    assert (chosen.tolist(), rejected.tolist(), ties) == ([0], [11], 0)
+    # the rejected must lie more than min_margin below the chosen: at 0.85 only the 0.0 does
+    assert pairing.best_mu2sigma(np.array(["p"] * 13, dtype=object), np.arange(13), reward, 0.85)[1].tolist() == [12]
+    # all within min_margin: a tie
+    assert pairing.best_mu2sigma(np.array(["p"] * 2, dtype=object), np.arange(2), np.array([0.5, 0.4]), 0.2)[2] == 1
+
+
+def test_mu_minus_2sigma_pairs_like_best_worst_up_to_five_samples():
+    """With N ≤ 5 no reward lies below μ − 2σ (the minimum is ≥ μ − σ√(N−1)): the rule picks the minimum."""
+    from selfplay.core import pairing
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 6))
+        ids, sample, reward = np.array(["a"] * n + ["b"] * n, dtype=object), np.r_[np.arange(n), np.arange(n)], \
+            rng.choice([0.0, 1 / 3, 2 / 3, 1.0], size=2 * n)
+        a, b = pairing.best_mu2sigma(ids, sample, reward), pairing.best_worst(ids, sample, reward)
+        assert [x.tolist() if hasattr(x, "tolist") else x for x in a] == [x.tolist() if hasattr(x, "tolist") else x
+                                                                           for x in b]
+
+
+def test_the_pair_stage_takes_best_mu2sigma_by_name():
+    rows = [("p", "q", i, f"r{i}", r) for i, r in enumerate([1.0] + [0.6] * 10 + [0.2, 0.0])]
+    pairs, ties = make_pairs(scores_frame(rows), "best_mu2sigma")
+    assert ties == 0 and pairs[["chosen_sample_idx", "rejected_sample_idx"]].values.tolist() == [[0, 11]]
+    assert pairs["margin_explicit"].tolist() == pytest.approx([0.8])

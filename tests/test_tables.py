@@ -130,7 +130,7 @@ class FakeCtx:
     device = None
 
 
-@pytest.mark.parametrize("strategy", ["all", "best_worst", "best_random"])
+@pytest.mark.parametrize("strategy", ["all", "best_worst", "best_random", "best_mu2sigma"])
 @pytest.mark.parametrize("metric", ["map", "random", "explicit"])
 def test_pair_and_select_give_the_whole_table_result_for_any_window(tmp_path, monkeypatch, strategy, metric):
     frame = scores_frame(41, 4)
@@ -173,3 +173,33 @@ def test_pair_and_select_give_the_whole_table_result_for_any_window(tmp_path, mo
     by_key = frame.set_index(["prompt_id", "sample_idx"])["response"]
     assert all(row["chosen"][0]["content"] == by_key[(row["prompt_id"], row["chosen_sample_idx"])]
                for _, row in whole_selected.iterrows())
+
+
+def test_a_noisy_judge_swaps_a_seeded_fraction_of_pairs_the_same_for_any_window(tmp_path):
+    """pair.flip_fraction: the same pairs as without it, a seeded ~30% of them with chosen and rejected swapped (and
+    their sample indices), the judge's rewards and margin as they were; the same flips for any window size."""
+    frame = scores_frame(41, 4)
+    by_key = frame.set_index(["prompt_id", "sample_idx"])["response"]
+    results = {}
+    for fraction, rows in ((0.0, None), (0.3, None), (0.3, 5), (0.3, 9)):
+        rdir = tmp_path / f"f{fraction}-w{rows}"
+        rdir.mkdir()
+        write_parts(frame, rdir / "scores", [50, 60, 54])
+        cfg = OmegaConf.structured(Config)
+        cfg.window_rows, cfg.pair.strategy, cfg.pair.flip_fraction = rows, "all", fraction
+        ctx = FakeCtx(cfg, rdir, rdir)
+        pair.run(ctx)
+        results[fraction, rows] = (pd.read_parquet(rdir / "candidate_pairs.parquet"), dict(ctx.stats))
+    clean, noisy = results[0.0, None][0], results[0.3, None][0]
+    assert "label_flipped" not in clean  # off: the table is what it always was
+    flipped = noisy["label_flipped"].to_numpy()
+    assert 0.15 < flipped.mean() < 0.45 and results[0.3, None][1]["labels_flipped"] == int(flipped.sum())
+    same = ["prompt_id", "reward_chosen", "reward_rejected", "margin_explicit"]
+    pd.testing.assert_frame_equal(noisy[same], clean[same])
+    for a, b in (("chosen", "rejected"), ("chosen_sample_idx", "rejected_sample_idx")):
+        assert noisy[a].tolist() == np.where(flipped, clean[b], clean[a]).tolist()
+    assert all(row["chosen"][0]["content"] == by_key[(row["prompt_id"], row["chosen_sample_idx"])]
+               for _, row in noisy.iterrows())
+    for rows in (5, 9):
+        pd.testing.assert_frame_equal(results[0.3, rows][0], noisy, check_exact=True)
+

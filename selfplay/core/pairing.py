@@ -9,6 +9,10 @@ samples lie within `min_margin` of each other.
     all          every two samples whose rewards differ by more than min_margin, the higher one chosen
     best_worst   chosen = highest reward (lowest sample index among equals), rejected = lowest (highest index)
     best_random  chosen = highest reward, rejected = a seeded random sample with a reward lower by > min_margin
+    best_mu2sigma  chosen = highest reward, rejected = the sample whose reward is nearest μ − 2σ of the prompt's
+                 rewards (population σ), among those lower by > min_margin: "Finding the Sweet Spot"
+                 (arXiv 2502.16825) found that rejected point better than the minimum as N grows. With N ≤ 5 samples
+                 no reward can lie below μ − 2σ (the minimum is ≥ μ − σ·√(N−1)), so it pairs as best_worst does.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-STRATEGIES = ("all", "best_worst", "best_random")
+STRATEGIES = ("all", "best_worst", "best_random", "best_mu2sigma")
 
 Pairs = tuple[np.ndarray, np.ndarray, int]
 
@@ -95,6 +99,27 @@ def best_random(prompt_ids, sample_idx, reward, min_margin: float = 0.0,
     return np.asarray(chosen, np.int64), np.asarray(rejected, np.int64), ties
 
 
+def best_mu2sigma(prompt_ids, sample_idx, reward, min_margin: float = 0.0) -> Pairs:
+    """One pair per prompt: its highest reward against the sample nearest μ − 2σ of its rewards (σ with ddof 0),
+    among those lower by > min_margin. Equally near: the lower reward, then the highest sample index (as
+    best_worst's rejected)."""
+    reward = np.asarray(reward, dtype=np.float64)
+    chosen, rejected, ties = [], [], 0
+    for rows in _each_prompt(prompt_ids, sample_idx):
+        values = reward[rows]
+        best = rows[np.argmax(values)]
+        lower = rows[reward[best] - values > min_margin]
+        if not len(lower):
+            ties += 1
+            continue
+        target = values.mean() - 2 * values.std()
+        # lexsort's last key sorts first: distance to the target, then reward, then the later sample first
+        order = np.lexsort((-np.arange(len(lower)), reward[lower], np.abs(reward[lower] - target)))
+        chosen.append(best)
+        rejected.append(lower[order[0]])
+    return np.asarray(chosen, np.int64), np.asarray(rejected, np.int64), ties
+
+
 def make_pairs(prompt_ids, sample_idx, reward, strategy: str = "best_worst", min_margin: float = 0.0,
                seed: int | np.random.Generator = 0) -> Pairs:
     """Pairs by `strategy`. `seed` may be a Generator carried across calls (the pair stage's windows share one)."""
@@ -102,7 +127,17 @@ def make_pairs(prompt_ids, sample_idx, reward, strategy: str = "best_worst", min
         return all_pairs(prompt_ids, sample_idx, reward, min_margin)
     if strategy == "best_worst":
         return best_worst(prompt_ids, sample_idx, reward, min_margin)
+    if strategy == "best_mu2sigma":
+        return best_mu2sigma(prompt_ids, sample_idx, reward, min_margin)
     if strategy == "best_random":
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         return best_random(prompt_ids, sample_idx, reward, min_margin, rng)
     raise ValueError(f"unknown pair strategy {strategy!r}; strategies are {', '.join(STRATEGIES)}")
+
+
+def flip_labels(count: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Which of `count` pairs a noisy judge gets the wrong way round: each independently with probability
+    `fraction`, drawn one uniform a pair from `rng` (a generator carried across a stage's windows gives the same
+    flips however the pairs are windowed)."""
+    return rng.random(count) < fraction
+

@@ -68,6 +68,7 @@ def select_pool(pairs: pd.DataFrame, cfg, seed: int, policy_path=None, device=No
 # How the pair stage built each pair, by pair.strategy, for the dataset card.
 PAIRING = {"best_worst": "the highest- and lowest-reward",
            "best_random": "the highest-reward and a seeded random lower-reward response",
+           "best_mu2sigma": "the highest-reward response and the one nearest μ − 2σ of the rewards",
            "all": "two responses whose rewards differ, the higher one chosen, from every such pair"}
 
 
@@ -94,7 +95,9 @@ def dataset_card(ctx, selected: pd.DataFrame, pool: int) -> str:
         f"# selfplay round {ctx.round}: selected preference pairs", "",
         f"{len(selected)} preference pairs kept from a pool of {pool} by {how}. Each pair is {PAIRING[cfg.pair.strategy]} "
         f"of {cfg.sampler.n} responses sampled (T={cfg.sampler.temperature}, top-p {cfg.sampler.top_p}) "
-        f"from the policy π_{ctx.round} ({policy}), judged by `{judge}`.", "",
+        f"from the policy π_{ctx.round} ({policy}), judged by `{judge}`."
+        + (f" A simulated noisy judge swapped chosen and rejected in a seeded {cfg.pair.flip_fraction:.0%} of the "
+           "pool's pairs (`pair.flip_fraction`; column `label_flipped`)." if cfg.pair.flip_fraction else ""), "",
         "Columns: `prompt`, `chosen`, `rejected` in TRL's conversational preference format; `reward_chosen`, "
         "`reward_rejected`, `margin_explicit` (Δex), `margin_implicit` (Δim under π_r), the log-probabilities "
         "behind it, and `metric`, `score`, `rank` of the selection.", "",
