@@ -17,7 +17,7 @@ samples lie within `min_margin` of each other.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -66,58 +66,49 @@ def all_pairs(prompt_ids, sample_idx, reward, min_margin: float = 0.0) -> Pairs:
     return chosen, rejected, int((sizes > 0).sum()) - len(np.unique(codes[chosen]))
 
 
-def best_worst(prompt_ids, sample_idx, reward, min_margin: float = 0.0) -> Pairs:
-    """One pair per prompt: its highest reward against its lowest. Equal rewards are broken by sample index (the
-    lowest index is chosen, the highest rejected), so the result depends only on the data."""
-    reward = np.asarray(reward)
+def _best_against(prompt_ids, sample_idx, reward, min_margin: float,
+                  pick: Callable[[np.ndarray, np.ndarray], int]) -> Pairs:
+    """One pair per prompt: its highest reward (the lowest sample index among equals) against the sample `pick`
+    chooses from those lower by > min_margin (`pick(lower_rewards, prompt_rewards)` → a position into `lower`, which
+    is in sample order); a prompt with no such sample is a tie."""
+    reward = np.asarray(reward, dtype=np.float64)
     chosen, rejected, ties = [], [], 0
     for rows in _each_prompt(prompt_ids, sample_idx):
         values = reward[rows]
-        best, worst = rows[np.argmax(values)], rows[len(rows) - 1 - np.argmin(values[::-1])]
-        if reward[best] - reward[worst] <= min_margin:
+        best = rows[np.argmax(values)]
+        lower = rows[values[np.argmax(values)] - values > min_margin]
+        if not len(lower):
             ties += 1
             continue
         chosen.append(best)
-        rejected.append(worst)
+        rejected.append(lower[pick(reward[lower], values)])
     return np.asarray(chosen, np.int64), np.asarray(rejected, np.int64), ties
+
+
+def best_worst(prompt_ids, sample_idx, reward, min_margin: float = 0.0) -> Pairs:
+    """One pair per prompt: its highest reward against its lowest. Equal rewards are broken by sample index (the
+    lowest index is chosen, the highest rejected), so the result depends only on the data."""
+    return _best_against(prompt_ids, sample_idx, reward, min_margin,
+                         lambda lower, _: len(lower) - 1 - int(np.argmin(lower[::-1])))
 
 
 def best_random(prompt_ids, sample_idx, reward, min_margin: float = 0.0,
                 rng: np.random.Generator | None = None) -> Pairs:
     """One pair per prompt: its highest reward against a seeded random one of the samples lower by > min_margin."""
     rng = rng if rng is not None else np.random.default_rng(0)
-    reward = np.asarray(reward)
-    chosen, rejected, ties = [], [], 0
-    for rows in _each_prompt(prompt_ids, sample_idx):
-        best = rows[np.argmax(reward[rows])]
-        lower = rows[reward[best] - reward[rows] > min_margin]
-        if len(lower):
-            chosen.append(best)
-            rejected.append(lower[int(rng.integers(len(lower)))])
-        else:
-            ties += 1
-    return np.asarray(chosen, np.int64), np.asarray(rejected, np.int64), ties
+    return _best_against(prompt_ids, sample_idx, reward, min_margin, lambda lower, _: int(rng.integers(len(lower))))
 
 
 def best_mu2sigma(prompt_ids, sample_idx, reward, min_margin: float = 0.0) -> Pairs:
     """One pair per prompt: its highest reward against the sample nearest μ − 2σ of its rewards (σ with ddof 0),
     among those lower by > min_margin. Equally near: the lower reward, then the highest sample index (as
     best_worst's rejected)."""
-    reward = np.asarray(reward, dtype=np.float64)
-    chosen, rejected, ties = [], [], 0
-    for rows in _each_prompt(prompt_ids, sample_idx):
-        values = reward[rows]
-        best = rows[np.argmax(values)]
-        lower = rows[reward[best] - values > min_margin]
-        if not len(lower):
-            ties += 1
-            continue
+    def nearest(lower: np.ndarray, values: np.ndarray) -> int:
         target = values.mean() - 2 * values.std()
         # lexsort's last key sorts first: distance to the target, then reward, then the later sample first
-        order = np.lexsort((-np.arange(len(lower)), reward[lower], np.abs(reward[lower] - target)))
-        chosen.append(best)
-        rejected.append(lower[order[0]])
-    return np.asarray(chosen, np.int64), np.asarray(rejected, np.int64), ties
+        return int(np.lexsort((-np.arange(len(lower)), lower, np.abs(lower - target)))[0])
+
+    return _best_against(prompt_ids, sample_idx, reward, min_margin, nearest)
 
 
 def make_pairs(prompt_ids, sample_idx, reward, strategy: str = "best_worst", min_margin: float = 0.0,
