@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -135,3 +136,76 @@ def head_logps(head: Any, positions: Any, labels: Any, stats: bool = False) -> t
         probs = torch.softmax(logits, dim=-1)
         entropy = logsumexp - (probs * logits).sum(-1)
         return logps, entropy, logits.mean(-1), logits.argmax(-1) == labels
+
+
+# Models whose attention is plain causal (no sliding window, no bidirectional prefix), so a custom mask that lets
+# the rejected completion see its prompt and itself computes exactly what two separate rows compute.
+SHARED_PROMPT_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+def shares_prompts(model: Any) -> bool:
+    """Whether the trainer may put a pair in one row [prompt | chosen | rejected] (pack_shared_prompts). It runs on
+    a CPU only (add_label_head), where transformers' attention (sdpa or eager) takes the custom 4D mask as given."""
+    config = model.config.get_text_config()
+    return config.model_type in SHARED_PROMPT_MODEL_TYPES and not getattr(config, "use_sliding_window", False)
+
+
+@dataclass
+class SharedPromptRows:
+    """A preference batch with one row per pair: [prompt | chosen | rejected], the rejected tokens at positions
+    restarting after the prompt and seeing the prompt and themselves, never the chosen ones (a boolean 4D mask).
+    `source` holds (row, column) of the hidden state that predicts each completion token, in the order in which
+    the batch's label positions are read (chosen rows first, then rejected, each left to right)."""
+
+    input_ids: Any
+    position_ids: Any
+    attention_mask: Any
+    source: Any
+
+
+def pack_shared_prompts(input_ids: Any, attention_mask: Any, labels: Any) -> SharedPromptRows | None:
+    """TRL's preference batch (rows [chosen; rejected], each prompt + completion, right-padded; `labels` is -100
+    outside the completions) as SharedPromptRows: the prompt of each pair is computed once instead of twice and
+    the padding shrinks to the longest pair. None where the batch is not of that shape (a pair whose two rows
+    start differently, a completion at position 0): the caller then runs the rows as they are."""
+    import torch
+
+    pairs = input_ids.shape[0] // 2
+    if input_ids.shape[0] != 2 * pairs or pairs == 0:
+        return None
+    lengths = attention_mask.sum(dim=1).tolist()
+    completion = (labels != -100).tolist()
+    rows, sources_chosen, sources_rejected = [], [], []
+    for i in range(pairs):
+        parts = []
+        for row in (i, pairs + i):
+            n = int(lengths[row])
+            flags = completion[row][:n]
+            start = flags.index(True) if True in flags else n
+            if start == 0 or not all(flags[start:]) or any(completion[row][n:]):
+                return None
+            parts.append((start, input_ids[row, :n]))
+        (start, chosen), (start_rejected, rejected) = parts
+        if start != start_rejected or not torch.equal(chosen[:start], rejected[:start]):
+            return None
+        rows.append((start, chosen, rejected[start:]))
+    width = max(len(chosen) + len(rejected) for _, chosen, rejected in rows)
+    ids = torch.zeros((pairs, width), dtype=input_ids.dtype, device=input_ids.device)
+    positions = torch.zeros_like(ids)
+    mask = torch.eye(width, dtype=torch.bool, device=input_ids.device).repeat(pairs, 1, 1, 1)  # padding sees itself
+    for i, (start, chosen, rejected) in enumerate(rows):
+        c, r = len(chosen), len(rejected)
+        ids[i, :c], ids[i, c : c + r] = chosen, rejected
+        positions[i, :c] = torch.arange(c)
+        positions[i, c : c + r] = torch.arange(start, start + r)
+        causal = torch.ones((width, width), dtype=torch.bool, device=input_ids.device).tril()
+        mask[i, 0, :c, :c] = causal[:c, :c]
+        mask[i, 0, c : c + r, :start] = True
+        mask[i, 0, c : c + r, c : c + r] = causal[:r, :r]
+        # chosen token t (at column t ≥ start) is predicted from column t − 1; the first rejected token from the
+        # prompt's last column, the others from the rejected token before them
+        sources_chosen += [(i, t - 1) for t in range(start, c)]
+        if r:
+            sources_rejected += [(i, start - 1)] + [(i, c + k - 1) for k in range(1, r)]
+    source = torch.tensor(sources_chosen + sources_rejected, dtype=torch.long, device=input_ids.device)
+    return SharedPromptRows(ids, positions, mask, source)

@@ -32,17 +32,19 @@ import types
 from typing import Any
 
 from selfplay.backends import trl_private
-from selfplay.backends.logprobs import head_logps, plain_head
+from selfplay.backends.logprobs import head_logps, pack_shared_prompts, plain_head, shares_prompts
 from selfplay.core.losses import mmpo_loss
 
 
-def add_label_head(model: Any, rows_per_chunk: int = 1024) -> bool:
+def add_label_head(model: Any, rows_per_chunk: int = 1024, share_prompt: bool = True) -> bool:
     """For training on a CPU: make `model(..., labels=, fused_lm_head=True)` — the call TRL's DPOTrainer makes — run
     the LM head only at the label positions, in chunks recomputed in the backward pass (memory of one chunk's
     logits), and return what TRL's fused head returns (per-token log_probs, entropy, mean_logits, is_top1, zero off
     the labels). TRL's own fused head scores every position, prompt and padding included, when not on a Triton
     device; on 2 cores it was half of a DPO step (bench/results/precision_cpu.md). Returns False (model unchanged)
-    where the logits are not plain lm_head(hidden)."""
+    where the logits are not plain lm_head(hidden). With `share_prompt` (and a model whose attention is plain
+    causal: logprobs.shares_prompts) each pair runs as one row [prompt | chosen | rejected], the prompt computed
+    once (logprobs.pack_shared_prompts); the log-probs are the same up to float rounding (tests/test_shared_prompt.py)."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
@@ -50,6 +52,7 @@ def add_label_head(model: Any, rows_per_chunk: int = 1024) -> bool:
     if plain is None:
         return False
     trl_forward = model.forward  # TRL's: the plain forward without fused_lm_head, its fused head otherwise
+    sharing = share_prompt and shares_prompts(model)
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if (not fused_lm_head or shift_labels is not None or kwargs.get("output_router_logits")
@@ -58,10 +61,17 @@ def add_label_head(model: Any, rows_per_chunk: int = 1024) -> bool:
                                num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False
         backbone, head = getattr(self, self.base_model_prefix), self.get_output_embeddings()
-        hidden = backbone(*args, **kwargs).last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         mask = targets != -100
-        positions, wanted = hidden[mask], targets[mask]
+        wanted = targets[mask]
+        packed = (pack_shared_prompts(kwargs["input_ids"], kwargs["attention_mask"], labels)
+                  if sharing and not args and set(kwargs) == {"input_ids", "attention_mask", "use_cache"} else None)
+        if packed is None:
+            positions = backbone(*args, **kwargs).last_hidden_state[:, :-1][mask]
+        else:
+            hidden = backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                              position_ids=packed.position_ids, use_cache=False).last_hidden_state
+            positions = hidden[packed.source[:, 0], packed.source[:, 1]]
         parts = [checkpoint(head_logps, head, positions[s : s + rows_per_chunk], wanted[s : s + rows_per_chunk],
                             True, use_reentrant=False) for s in range(0, len(wanted), rows_per_chunk)]
         per_token = [torch.cat([p[k] for p in parts]) if parts else positions.new_zeros(0) for k in range(4)]
@@ -75,20 +85,21 @@ def add_label_head(model: Any, rows_per_chunk: int = 1024) -> bool:
     return True
 
 
-def dpo_trainer_class() -> type:
-    """TRL's DPOTrainer, taking precomputed reference log-probs from the dataset (PrecomputedReferenceDPOTrainer)."""
+def dpo_trainer_class(share_prompt: bool = True) -> type:
+    """TRL's DPOTrainer, taking precomputed reference log-probs from the dataset (PrecomputedReferenceDPOTrainer).
+    `share_prompt=False` keeps TRL's two rows per pair on a CPU too (bench/bench_levers.py's baseline)."""
     from peft import PeftModel
     from trl import DPOTrainer
 
     class PrecomputedReferenceDPOTrainer(DPOTrainer):
         """DPOTrainer that keeps `ref_chosen_logps`/`ref_rejected_logps` columns already in the dataset instead of
         recomputing them with a reference forward pass (TRL would compute the same numbers). On a CPU the policy's
-        LM head runs only at the completion positions (add_label_head), as the margin stage's does."""
+        LM head runs only at the completion positions, and a pair's prompt is computed once (add_label_head)."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             if self.args.device.type == "cpu" and not isinstance(self.model, PeftModel):
-                add_label_head(self.model)
+                add_label_head(self.model, share_prompt=share_prompt)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
@@ -128,9 +139,9 @@ class _FirstOutput:
         return getattr(self.model, name)
 
 
-def mmpo_dpo_trainer_class() -> type:
+def mmpo_dpo_trainer_class(share_prompt: bool = True) -> type:
     """MMPO on DPO's logits (MMPODPOTrainer), on top of dpo_trainer_class()."""
-    base = dpo_trainer_class()
+    base = dpo_trainer_class(share_prompt)
 
     class MMPODPOTrainer(base):
         """MMPO on DPO's logit h = log π(yw)/π_ref(yw) − log π(yl)/π_ref(yl). TRL's _compute_loss runs the forward
