@@ -135,8 +135,7 @@ def _run_stages(names: str, cfg: DictConfig, run_dir: Path) -> None:
         raise SelfplayError(f"`selfplay stage {names}` needs round=R")
     if cfg.shard is not None and (len(stages) > 1 or stages[0] not in SHARDED_STAGES):
         raise SelfplayError(f"shard=/num_shards= apply to one of {', '.join(SHARDED_STAGES)}, not {names}")
-    for stage in stages:
-        pipeline.run_stage(cfg, run_dir, stage, cfg.round, set(cfg.force), cfg.shard, cfg.num_shards)
+    pipeline.run_stages(cfg, run_dir, stages, cfg.round, set(cfg.force), cfg.shard, cfg.num_shards)
 
 
 def disk_full(err: BaseException | None) -> bool:

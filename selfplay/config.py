@@ -264,6 +264,10 @@ class SamplerConfig:
     enforce_eager: bool = True
     # Prompts longer than the model can take: skip (counted in the manifest) | fail.
     overlong_prompts: str = option("skip", choices=("skip", "fail"))
+    # vllm on CPU: one engine serves the stages of a run (or of a `selfplay stage a,b` command): eval(r) and
+    # generate(r+1) share it, and each round loads the new policy's weights in place instead of starting an engine;
+    # a probe checks the weights after every load (selfplay/backends/engine_keeper.py). false: an engine per stage.
+    keep_engines: bool = True
 
 
 

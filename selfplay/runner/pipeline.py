@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from selfplay.backends.engine_keeper import keep_engines
 from selfplay.backends.modeling import check_weights, load_tokenizer, resolve_model_path
 from selfplay.backends.prompt_sources import heldout_prompts, train_prompts
 from selfplay.config import PER_COMMAND_KEYS, STAGES
@@ -158,6 +159,15 @@ def remove_stale_temp_files(run_dir: Path) -> int:
     return len(stale)
 
 
+def run_stages(cfg: DictConfig, run_dir: Path, stages: list[str], r: int, forced: set[str],
+               shard: int | None = None, num_shards: int | None = None) -> None:
+    """Several stages of one round in order (`selfplay stage a,b,…`, a SLURM job): one set of sampling engines
+    serves them all (sampler.keep_engines)."""
+    with keep_engines(cfg.sampler.keep_engines):
+        for stage in stages:
+            run_stage(cfg, run_dir, stage, r, forced, shard, num_shards)
+
+
 def run_round(cfg: DictConfig, run_dir: Path, r: int, forced: set[str]) -> dict[str, dict]:
     # A redone stage changes its fingerprint, so the later stages that read it redo themselves through their inputs.
     return {stage: run_stage(cfg, run_dir, stage, r, forced) for stage in STAGES}
@@ -196,7 +206,8 @@ def run(cfg: DictConfig, run_dir: Path, preflight_done: bool = False) -> list[di
         preflight(cfg)
     remove_stale_temp_files(run_dir)
     # logger=…: one tracker run per run directory, the round as step; rounds already logged are not logged again.
-    with open_tracker(cfg, run_dir) as tracker:
+    # sampler.keep_engines: eval(r) and generate(r+1) share an engine; rounds reload weights instead of restarting
+    with open_tracker(cfg, run_dir) as tracker, keep_engines(cfg.sampler.keep_engines):
         for r in range(cfg.rounds):
             manifests = run_round(cfg, run_dir, r, forced)
             write_round_card(run_dir, r)

@@ -75,6 +75,8 @@ NOT_CACHE_KEYS: dict[str, str] = {
     "sampler.gpu_memory_utilization": "an engine's memory, not its responses",
     "sampler.cpu_kv_cache_gb": "an engine's memory, not its responses",
     "sampler.enforce_eager": "how an engine runs its graph, not what it samples",
+    "sampler.keep_engines": "whether an engine outlives a stage; a reloaded engine samples what a new one samples "
+                            "(tests/test_engine_keeper.py)",
     "ray": "which Ray cluster runs the engines",
     "launcher": "SLURM resources for `selfplay submit`",
 }

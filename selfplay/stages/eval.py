@@ -84,6 +84,8 @@ def _generate(ctx, policy_path, prompts: pd.DataFrame, label: str) -> pd.DataFra
                         # vllm: the engine batches by itself; small chunks would only add drains
                         batch_size=cfg.sampler.batch_size if cfg.sampler.backend == "vllm" else cfg.eval.batch_size)
     completions = sampler(list(prompts["prompt"]), spec, desc=label, keys=[str(k) for k in prompts["prompt_id"]])
+    # what served the sampling (started, weights loaded in place, or kept), with the weights probe's figures
+    ctx.stats.setdefault("engines", []).extend({"policy": label, **s} for s in getattr(sampler, "served", []))
     return completions_frame(prompts, completions)
 
 

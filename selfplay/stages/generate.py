@@ -83,6 +83,8 @@ def compute(ctx, shard: int, num_shards: int) -> Iterator[pd.DataFrame]:
             stats.append(chunk[1])
             yield chunk[0]
         engine_start_s = sampler.timings.get("engine_start_s", 0.0) if sampler is not None else 0.0
+    # what served the sampling (started, weights loaded in place, or kept), with the weights probe's figures
+    ctx.stats["engines"] = list(getattr(sampler, "served", []))
     ctx.stats.update(prompts=hi - lo, skipped_overlong_prompts=sum(st["skipped_overlong_prompts"] for st in stats),
                      generation_s=round(sum(st["generation_s"] for st in stats), 2), engine_start_s=engine_start_s,
                      chat_template_sha256=stats[0]["chat_template_sha256"] if stats
@@ -97,6 +99,7 @@ def merge(ctx, parts: list[Path], part_stats: list[dict]) -> None:
         shards.link_or_copy(part, out / f"part-{i:05d}.parquet")
     columns = pd.concat([pd.read_parquet(p, columns=["n_tokens", "finish_reason"]) for p in parts], ignore_index=True)
     timings = {k: round(sum(s.get(k, 0) for s in part_stats), 2) for k in ("engine_start_s", "generation_s")}
+    timings["engines"] = [served for s in part_stats for served in s.get("engines", [])]
     ctx.stats.update(
         prompts=sum(s["prompts"] for s in part_stats),
         responses=len(columns),

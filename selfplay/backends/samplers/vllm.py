@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from selfplay.backends.chat import generation_prompt_ids
+from selfplay.backends.engine_keeper import active_keeper
 from selfplay.backends.modeling import load_tokenizer
-from selfplay.backends.precision import engine_dtype
+from selfplay.backends.precision import engine_dtype, train_bf16
 from selfplay.backends.samplers.base import Completion, Sampler, SamplingSpec, completion_from_tokens
 from selfplay.backends.vllm_engine import EnginePool, engine_spec
+from selfplay.backends.weights_probe import ProbeSettings, check_engine_weights
 from selfplay.errors import InputError
 
 log = logging.getLogger("selfplay")
@@ -44,7 +46,7 @@ def eos_token_ids(model_path: Path, tokenizer: Any) -> list[int]:
 
 class VLLMSampler(Sampler):
     def __init__(self, model_path: Path, dtype: str, device: Any, trust_remote_code: bool = False, *,
-                 sampler_cfg: Any, ray_cfg: Any):
+                 sampler_cfg: Any, ray_cfg: Any, probe_dtype: str = "float32", probe_bf16: bool = False):
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.eos_ids = eos_token_ids(model_path, self.tokenizer)
@@ -55,11 +57,17 @@ class VLLMSampler(Sampler):
         self.skipped_overlong = 0
         self.timings: dict[str, float] = {"engine_start_s": 0.0, "generation_s": 0.0}
         self._pool: EnginePool | None = None
+        self._kept = False  # the pool belongs to the run's EngineKeeper, which closes it
+        self.served: list[dict] = []  # how each start of this sampler got its engines (the stage's manifest)
+        self.probe_settings = ProbeSettings(model_path=str(model_path), dtype=probe_dtype,
+                                            bf16=probe_bf16, trust_remote_code=trust_remote_code)
 
     @classmethod
     def from_config(cls, cfg: Any, model_path: Path, device: Any) -> VLLMSampler:
+        # the probe computes the policy's log-probs as the margin stage does: model.dtype, at the run's precision
         return cls(model_path=model_path, dtype=engine_dtype(cfg), device=device,
-                   trust_remote_code=cfg.model.trust_remote_code, sampler_cfg=cfg.sampler, ray_cfg=cfg.ray)
+                   trust_remote_code=cfg.model.trust_remote_code, sampler_cfg=cfg.sampler, ray_cfg=cfg.ray,
+                   probe_dtype=cfg.model.dtype, probe_bf16=train_bf16(cfg))
 
     def __enter__(self) -> VLLMSampler:
         """Keep the engines up across calls (a stage's checkpointed windows) until the block ends."""
@@ -68,12 +76,25 @@ class VLLMSampler(Sampler):
         return self
 
     def _start(self) -> None:
-        self._pool = EnginePool(self.spec, self.num_engines, self.ray_cfg.address, self.ray_cfg.num_cpus).__enter__()
-        self.timings["engine_start_s"] += round(self._pool.start_seconds, 2)
+        # GPU engines are not kept: margin, train and reward scoring need the device between two sampling stages
+        keeper = None if self.spec.use_gpu else active_keeper()
+        if keeper is None:  # engines of this sampler alone
+            self._pool = EnginePool(self.spec, self.num_engines, self.ray_cfg.address, self.ray_cfg.num_cpus).__enter__()
+            self.timings["engine_start_s"] += round(self._pool.start_seconds, 2)
+            self.served.append({"engine": "started", "engine_start_s": round(self._pool.start_seconds, 2)})
+            return
+        # the run's engines: started once, reloaded with this policy's weights, or kept; probed after every load
+        self._pool, served = keeper.acquire(self.spec, self.num_engines, self.ray_cfg.address, self.ray_cfg.num_cpus,
+                                            probe=lambda pool: check_engine_weights(pool, self.probe_settings))
+        self._kept = True
+        self.timings["engine_start_s"] += served.get("engine_start_s", 0.0)
+        self.timings["weights_load_s"] = round(self.timings.get("weights_load_s", 0.0)
+                                               + served.get("weights_load_s", 0.0), 2)
+        self.served.append(served)
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
-        if pool is not None:
+        if pool is not None and not self._kept:
             pool.__exit__(None, None, None)
 
     def __call__(self, prompts: list[str], spec: SamplingSpec, desc: str = "generate",
