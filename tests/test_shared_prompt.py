@@ -73,9 +73,9 @@ def _pairs(tokenizer):
             for p, c, r in zip(prompts, chosen, rejected, strict=True)]
 
 
-def _log_probs_and_grads(model, share_prompt, batch, bf16):
+def _log_probs_and_grads(model, share_prompt, batch, bf16, eager=False):
     model = copy.deepcopy(model)
-    assert add_label_head(model, share_prompt=share_prompt)
+    assert add_label_head(model, share_prompt=share_prompt, eager_attention=eager)
     ids, mask, labels = batch
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
@@ -84,8 +84,9 @@ def _log_probs_and_grads(model, share_prompt, batch, bf16):
     return out.log_probs.detach(), grads
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["sdpa", "eager"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_shared_rows_give_the_two_rows_log_probs_and_gradients(tiny_policy, smol_tokenizer, bf16):
+def test_shared_rows_give_the_two_rows_log_probs_and_gradients(tiny_policy, smol_tokenizer, bf16, eager):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
@@ -93,7 +94,7 @@ def test_shared_rows_give_the_two_rows_log_probs_and_gradients(tiny_policy, smol
     batch = _batch(smol_tokenizer, _pairs(smol_tokenizer))
     assert pack_shared_prompts(*batch) is not None
     two_rows, grads_two = _log_probs_and_grads(model, False, batch, bf16)
-    shared, grads_shared = _log_probs_and_grads(model, True, batch, bf16)
+    shared, grads_shared = _log_probs_and_grads(model, True, batch, bf16, eager)  # against two rows under sdpa
     on_labels = batch[2][:, 1:] != -100
     assert (two_rows[~on_labels] == 0).all() and (shared[~on_labels] == 0).all()
     worst = (two_rows - shared).abs().max().item()

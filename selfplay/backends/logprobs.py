@@ -162,6 +162,12 @@ class SharedPromptRows:
     attention_mask: Any
     source: Any
 
+    def additive_mask(self) -> Any:
+        """The mask as eager attention adds it to the scores: 0 where a token may look, the fp32 minimum elsewhere."""
+        import torch
+
+        return torch.zeros(self.attention_mask.shape).masked_fill(~self.attention_mask, torch.finfo(torch.float32).min)
+
 
 def pack_shared_prompts(input_ids: Any, attention_mask: Any, labels: Any) -> SharedPromptRows | None:
     """TRL's preference batch (rows [chosen; rejected], each prompt + completion, right-padded; `labels` is -100

@@ -36,7 +36,8 @@ from selfplay.backends.logprobs import head_logps, pack_shared_prompts, plain_he
 from selfplay.core.losses import mmpo_loss
 
 
-def add_label_head(model: Any, rows_per_chunk: int = 1024, share_prompt: bool = True) -> bool:
+def add_label_head(model: Any, rows_per_chunk: int = 1024, share_prompt: bool = True,
+                   eager_attention: bool = False) -> bool:
     """For training on a CPU: make `model(..., labels=, fused_lm_head=True)` — the call TRL's DPOTrainer makes — run
     the LM head only at the label positions, in chunks recomputed in the backward pass (memory of one chunk's
     logits), and return what TRL's fused head returns (per-token log_probs, entropy, mean_logits, is_top1, zero off
@@ -53,6 +54,8 @@ def add_label_head(model: Any, rows_per_chunk: int = 1024, share_prompt: bool = 
         return False
     trl_forward = model.forward  # TRL's: the plain forward without fused_lm_head, its fused head otherwise
     sharing = share_prompt and shares_prompts(model)
+    if eager_attention:
+        model.set_attn_implementation("eager")
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if (not fused_lm_head or shift_labels is not None or kwargs.get("output_router_logits")
@@ -69,7 +72,8 @@ def add_label_head(model: Any, rows_per_chunk: int = 1024, share_prompt: bool = 
         if packed is None:
             positions = backbone(*args, **kwargs).last_hidden_state[:, :-1][mask]
         else:
-            hidden = backbone(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+            mask4d = packed.additive_mask() if eager_attention else packed.attention_mask  # eager adds its mask
+            hidden = backbone(input_ids=packed.input_ids, attention_mask=mask4d,
                               position_ids=packed.position_ids, use_cache=False).last_hidden_state
             positions = hidden[packed.source[:, 0], packed.source[:, 1]]
         parts = [checkpoint(head_logps, head, positions[s : s + rows_per_chunk], wanted[s : s + rows_per_chunk],
@@ -85,7 +89,7 @@ def add_label_head(model: Any, rows_per_chunk: int = 1024, share_prompt: bool = 
     return True
 
 
-def dpo_trainer_class(share_prompt: bool = True) -> type:
+def dpo_trainer_class(share_prompt: bool = True, eager_attention: bool = False) -> type:
     """TRL's DPOTrainer, taking precomputed reference log-probs from the dataset (PrecomputedReferenceDPOTrainer).
     `share_prompt=False` keeps TRL's two rows per pair on a CPU too (bench/bench_levers.py's baseline)."""
     from peft import PeftModel
@@ -99,7 +103,7 @@ def dpo_trainer_class(share_prompt: bool = True) -> type:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             if self.args.device.type == "cpu" and not isinstance(self.model, PeftModel):
-                add_label_head(self.model, share_prompt=share_prompt)
+                add_label_head(self.model, share_prompt=share_prompt, eager_attention=eager_attention)
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
             if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
@@ -139,9 +143,9 @@ class _FirstOutput:
         return getattr(self.model, name)
 
 
-def mmpo_dpo_trainer_class(share_prompt: bool = True) -> type:
+def mmpo_dpo_trainer_class(share_prompt: bool = True, eager_attention: bool = False) -> type:
     """MMPO on DPO's logits (MMPODPOTrainer), on top of dpo_trainer_class()."""
-    base = dpo_trainer_class(share_prompt)
+    base = dpo_trainer_class(share_prompt, eager_attention)
 
     class MMPODPOTrainer(base):
         """MMPO on DPO's logit h = log π(yw)/π_ref(yw) − log π(yl)/π_ref(yl). TRL's _compute_loss runs the forward

@@ -109,7 +109,7 @@ def common_args(cfg, output_dir: str, report_to: str | list[str] = "none", num_p
 
 
 def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str,
-                  report_to: str | list[str] = "none", share_prompt: bool = True):
+                  report_to: str | list[str] = "none", share_prompt: bool = True, eager_attention: bool = False):
     """The round's TRL trainer. `share_prompt=False` runs each pair as two rows on a CPU too (the benchmark's
     baseline; the log-probs are the same up to rounding)."""
     t = cfg.trainer
@@ -141,7 +141,7 @@ def build_trainer(cfg, model, tokenizer, selected: pd.DataFrame, output_dir: str
                                    cfg.model.trust_remote_code)
     # MMPO reads the reference log-probs from the batch: without reuse, TRL precomputes them from the same reference.
     args = DPOConfig(**common_args(cfg, output_dir, report_to, len(selected)), precompute_ref_log_probs=reuse or mmpo)
-    trainer_class = mmpo_dpo_trainer_class(share_prompt) if mmpo else dpo_trainer_class(share_prompt)
+    trainer_class = (mmpo_dpo_trainer_class if mmpo else dpo_trainer_class)(share_prompt, eager_attention)
     return trainer_class(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(columns),
                          processing_class=tokenizer, peft_config=peft)
 
