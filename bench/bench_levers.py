@@ -24,6 +24,7 @@ bench/results/levers_<class>.md when --write is given:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,11 +36,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Train arms: (one row per pair, attention implementation).
-TRAIN_ARMS: dict[str, tuple[bool, str]] = {
-    "two rows, sdpa": (False, "sdpa"),
-    "shared prompt, sdpa": (True, "sdpa"),
-    "shared prompt, eager attention": (True, "eager"),
+# Train arms: (one row per pair, attention implementation, a sampling engine kept idle beside the trainer as
+# sampler.keep_engines does in a run).
+TRAIN_ARMS: dict[str, tuple[bool, str, bool]] = {
+    "two rows, sdpa": (False, "sdpa", False),
+    "shared prompt, sdpa": (True, "sdpa", False),
+    "shared prompt, eager attention": (True, "eager", False),
+    "shared prompt, sdpa, idle engine alive": (True, "sdpa", True),
 }
 
 # Generation arms: what each changes against the generate stage's engine settings ("engine": vllm.LLM arguments)
@@ -126,16 +129,36 @@ def _work_per_pair(tokenizer, selected, cfg) -> tuple[list[int], list[int]]:
 
 
 def train_arms(run: Path, r: int, steps: int, repeats: int, peak: dict) -> list[dict]:
-    import torch
-    from transformers import TrainerCallback
-
-    from selfplay.backends.modeling import load_causal_lm, load_tokenizer
-    from selfplay.backends.precision import train_bf16
-    from selfplay.stages.train import build_trainer
+    from selfplay.backends.modeling import load_tokenizer
 
     cfg, selected, policy = _frozen_round(run, r)
     tokenizer = load_tokenizer(policy, False)
-    bf16 = train_bf16(cfg)
+    seconds: dict[str, list[float]] = {name: [] for name in TRAIN_ARMS}
+    losses: dict[str, list[float]] = {name: [] for name in TRAIN_ARMS}
+    for _ in range(repeats):
+        for name, (share, attention, idle_engine) in TRAIN_ARMS.items():
+            with _idle_engine(cfg, policy) if idle_engine else contextlib.nullcontext():
+                times, losses[name] = _train_turn(cfg, policy, tokenizer, selected, share, attention, steps)
+            seconds[name] += times[1:]
+            print(f"  train {name}: steps {', '.join(f'{t:.2f}' for t in times)} s", flush=True)
+    return _train_rows(seconds, losses, cfg, selected, tokenizer, policy, peak)
+
+
+def _idle_engine(cfg, policy):
+    """The run's sampling engine for π_r, started and then left idle (what a kept engine does during train)."""
+    from selfplay.backends.precision import engine_dtype
+    from selfplay.backends.vllm_engine import EnginePool, engine_spec
+
+    return EnginePool(engine_spec(policy, engine_dtype(cfg), "cpu", cfg.sampler, False))
+
+
+def _train_turn(cfg, policy, tokenizer, selected, share, attention, steps) -> tuple[list[float], list[float]]:
+    """`steps` optimizer steps of the train stage's trainer from π_r: (seconds of each step, losses)."""
+    import torch
+    from transformers import TrainerCallback
+
+    from selfplay.backends.modeling import load_causal_lm
+    from selfplay.stages.train import build_trainer
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -144,39 +167,44 @@ def train_arms(run: Path, r: int, steps: int, repeats: int, peak: dict) -> list[
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(time.perf_counter())
 
-    seconds: dict[str, list[float]] = {name: [] for name in TRAIN_ARMS}
-    losses: dict[str, list[float]] = {name: [] for name in TRAIN_ARMS}
-    batch = cfg.trainer.batch_size
-    for _ in range(repeats):
-        for name, (share, attention) in TRAIN_ARMS.items():
-            model = load_causal_lm(policy, cfg.model.dtype, torch.device("cpu"), False).train()
-            with tempfile.TemporaryDirectory() as out:
-                trainer = build_trainer(cfg, model, tokenizer, selected, out, share_prompt=share,
-                                        eager_attention=attention == "eager")
-                trainer.args.max_steps = steps
-                clock = StepClock()
-                trainer.add_callback(clock)
-                started = time.perf_counter()
-                trainer.train()
-            times = [b - a for a, b in zip([started, *clock.ends[:-1]], clock.ends, strict=True)]
-            seconds[name] += times[1:]
-            losses[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-            print(f"  train {name}: steps {', '.join(f'{t:.2f}' for t in times)} s", flush=True)
-    total, completions = _work_per_pair(tokenizer, selected, cfg)
-    config = model.config
+    model = load_causal_lm(policy, cfg.model.dtype, torch.device("cpu"), False).train()
+    with tempfile.TemporaryDirectory() as out:
+        trainer = build_trainer(cfg, model, tokenizer, selected, out, share_prompt=share,
+                                eager_attention=attention == "eager")
+        trainer.args.max_steps = steps
+        clock = StepClock()
+        trainer.add_callback(clock)
+        started = time.perf_counter()
+        trainer.train()
+    times = [b - a for a, b in zip([started, *clock.ends[:-1]], clock.ends, strict=True)]
+    return times, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def _train_rows(seconds, losses, cfg, selected, tokenizer, policy, peak) -> list[dict]:
+    """Median step, speed-up against the first arm, and MFU: the work either layout must do (6 · non-embedding
+    parameters · prompt + chosen + rejected tokens, plus the LM head at the completions) against the peak of the
+    precision in use."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from selfplay.backends.precision import train_bf16
+
+    config = AutoConfig.from_pretrained(policy)
+    with torch.device("meta"):  # shapes only
+        parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     embedding = config.vocab_size * config.hidden_size
-    nonembedding = sum(p.numel() for p in model.parameters()) - embedding * (1 if config.tie_word_embeddings else 2)
-    pairs_per_step = min(batch, len(selected))
+    nonembedding = parameters - embedding * (1 if config.tie_word_embeddings else 2)
+    total, completions = _work_per_pair(tokenizer, selected, cfg)
+    pairs_per_step = min(cfg.trainer.batch_size, len(selected))
     flops = 6 * (nonembedding * statistics.mean(total) + embedding * statistics.mean(completions)) * pairs_per_step
-    peak_gflops = peak["bf16_gflops" if bf16 else "fp32_gflops"]
+    peak_gflops = peak["bf16_gflops" if train_bf16(cfg) else "fp32_gflops"]
     rows = []
     for name in TRAIN_ARMS:
         median = statistics.median(seconds[name])
         rows.append(dict(arm=name, median_step_s=round(median, 3), steps_timed=len(seconds[name]),
                          mfu=round(flops / median / 1e9 / peak_gflops, 3), first_loss=round(losses[name][0], 5)))
-    base = rows[0]["median_step_s"]
     for row in rows:
-        row["speedup"] = round(base / row["median_step_s"], 3)
+        row["speedup"] = round(rows[0]["median_step_s"] / row["median_step_s"], 3)
     return rows
 
 
@@ -209,7 +237,7 @@ def generation_worker(args: argparse.Namespace) -> None:
         ids = generation_prompt_ids(tokenizer, text)
         for k in range(cfg.sampler.n):
             requests.append({"prompt_token_ids": ids})
-            sampling = dict(temperature=cfg.sampler.temperature, top_p=cfg.sampler.top_p, **arm.get("sampling", {}))
+            sampling = {"temperature": cfg.sampler.temperature, "top_p": cfg.sampler.top_p, **arm.get("sampling", {})}
             params.append(SamplingParams(n=1, seed=request_seed(seed, str(pid), k) if arm.get("seeded", True) else None,
                                          max_tokens=cfg.sampler.max_new_tokens, stop_token_ids=eos, detokenize=False,
                                          **sampling))

@@ -22,6 +22,7 @@ cluster started by slurm/ray_cluster.sh uses every node's cores, not the driver'
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -158,6 +159,49 @@ def refresh_cpu_embedding_kernels(model: Any) -> int:
     return rebuilt
 
 
+def _threads_policy(policy: int) -> bool:
+    """Every thread of this process to `policy` (os.SCHED_IDLE or os.SCHED_OTHER); False where not allowed."""
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.sched_setscheduler(int(tid), policy, os.sched_param(0))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def rest_between_calls(actor: Any) -> None:
+    """A CPU engine between calls runs at SCHED_IDLE: an idle engine still wakes up now and then (Ray's and
+    gloo's threads, ~4% of a core), and each wake-up that lands on a core of a 2-thread trainer stalls every
+    OpenMP barrier of the step (a kept engine made DPO steps 35% slower on 2 cores, bench/bench_levers.py).
+    At SCHED_IDLE it runs only on a core nothing else wants."""
+    if actor.spec.use_gpu:
+        return
+    if not hasattr(actor, "can_rest"):  # leaving SCHED_IDLE needs RLIMIT_NICE room where not root: try it once
+        actor.can_rest = _threads_policy(os.SCHED_IDLE) and _threads_policy(os.SCHED_OTHER)
+        if not actor.can_rest:
+            _threads_policy(os.SCHED_OTHER)
+            log.warning("vLLM engine: cannot return from SCHED_IDLE here (RLIMIT_NICE); an idle engine kept "
+                        "beside a CPU trainer may slow it (sampler.keep_engines=false starts one per stage)")
+    if actor.can_rest:
+        _threads_policy(os.SCHED_IDLE)
+
+
+def working(method: Callable) -> Callable:
+    """An engine call at normal scheduling, back at rest when it returns (rest_between_calls)."""
+
+    @functools.wraps(method)
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "can_rest", False):
+            _threads_policy(os.SCHED_OTHER)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            rest_between_calls(self)
+
+    return call
+
+
 class EngineActor:
     """Owns one `vllm.LLM`. Instantiated by Ray (`ray.remote(EngineActor)`) inside its placement group."""
 
@@ -182,6 +226,7 @@ class EngineActor:
 
         self.llm = LLM(**spec_.llm_kwargs())
         self.spec = spec_
+        rest_between_calls(self)
 
     def ready(self) -> dict[str, Any]:
         """Where the engine runs, as Ray and the OS see it (logged by the pool)."""
@@ -191,6 +236,7 @@ class EngineActor:
         return {"pid": os.getpid(), "host": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
                 "node_id": context.get_node_id(), "cores": self.cpu_ids}
 
+    @working
     def generate(self, requests: list[tuple[list[int], int]], params: dict[str, Any]) -> list[tuple[list[int], str]]:
         """(prompt ids, seed) per request → (generated ids, finish reason) per request, in request order."""
         from vllm import SamplingParams
@@ -200,6 +246,7 @@ class EngineActor:
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids, _ in requests], sampling, use_tqdm=False)
         return [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason) for o in outs]
 
+    @working
     def load_weights(self, model_path: str) -> float:
         """Load another checkpoint of the same architecture into this engine in place (vLLM's `reload_weights`, the
         weight-update path RLHF trainers use) instead of starting a new engine; returns the seconds it took."""
@@ -210,6 +257,7 @@ class EngineActor:
         self.llm.reset_prefix_cache()
         return time.time() - started
 
+    @working
     def completion_logprobs(self, sequences: list[tuple[list[int], list[int]]]) -> list[float]:
         """Sum of the teacher-forced log π(y_t | x, y_<t) over each completion (raw logits, temperature 1)."""
         from vllm import SamplingParams
@@ -226,6 +274,7 @@ class EngineActor:
             sums[i] = float(sum(logprobs[len(prompt) + j][tok].logprob for j, tok in enumerate(completion)))
         return sums
 
+    @working
     def classify(self, sequences: list[list[int]]) -> list[float]:
         """Raw logit of label 0 of a sequence classifier (no sigmoid), read at the last token like transformers."""
         from vllm import PoolingParams
