@@ -278,8 +278,10 @@ def test_dpo_form_margin_and_training_against_a_configured_reference(tiny_run, t
     assert stats["form"] == "dpo"
     train = json.loads((copy / "tiny" / "round_01" / "train.done.json").read_text())
     assert train["config"]["model.reference"] == str(tiny_policy)
-    # π_1 vs the π_0 reference: the first DPO loss is no longer ln 2
-    assert abs(train["stats"]["first_loss"] - 0.69315) > 1e-4
+    # π_1 vs the π_0 reference: the first DPO loss is no longer ln 2. It is recorded to 5 decimals, and a reference
+    # equal to the policy reads 0.69315 there exactly (test_precision.py); π_1 is one tiny round away, so the
+    # difference can be a few 1e-5 (8e-5 on an avx2 CPU)
+    assert abs(train["stats"]["first_loss"] - 0.69315) >= 1e-5
 
 
 def test_round_cards_match_the_parquet_files_and_rebuild(tiny_run, tmp_path):

@@ -29,7 +29,10 @@ from selfplay.rundir.manifest import diff_config
 # bf16 keeps 8 significant bits: each matmul output is rounded to a relative u = 2⁻⁸ ≈ 0.4%, and through 30 layers a
 # few such roundings add up in each token's log-prob (logit − logsumexp). Documented tolerances (docs/performance.md), each ≈ 5·u:
 LOGP_REL_TOL = 0.02  # |Δ| of a response's log-prob sum against |sum| (measured 2026-12-01: at most 1.0%)
-REWARD_REL_TOL = 0.05  # |Δ reward| against the spread (std) of the batch's rewards
+# |Δ reward| against the batch's largest |reward|: a reward is a linear read-out of the last hidden state, which carries
+# the same few roundings (measured 2026-12-08: 1.3% on an avx2 CPU, whose bf16 is emulated and rounds more often;
+# against the batch's spread that was 5.7%, so the spread is no bound: a random head's rewards barely differ)
+REWARD_REL_TOL = 0.02
 
 
 def composed(*overrides: str):
@@ -147,10 +150,11 @@ def test_bf16_rescoring_and_reward_scoring_agree_with_fp32(embedded, tmp_path):
                           "response": chosen + rejected})
     rewards = {bf16: ClassifierScorer(str(tmp_path / "rm"), "float32", 4, 1024, device, False, 4096, bf16=bf16)(
         frame, desc="reward").to_numpy() for bf16 in (False, True)}
-    spread = rewards[False].std()
+    largest = np.abs(rewards[False]).max()
     worst = np.abs(rewards[True] - rewards[False]).max()
-    print(f"rewards: bf16 − fp32 at most {worst:.4f} against a spread of {spread:.4f}")
-    assert spread > 0 and worst <= REWARD_REL_TOL * spread
+    print(f"rewards: bf16 − fp32 at most {worst:.4f} against a largest |reward| of {largest:.4f} "
+          f"(spread {rewards[False].std():.4f})")
+    assert rewards[False].std() > 0 and worst <= REWARD_REL_TOL * largest
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -167,7 +171,9 @@ def test_first_dpo_loss_is_ln2_with_reused_reference_logps(embedded, tmp_path, p
 
     path, tokenizer, model = embedded
     prompts, chosen, rejected = _pairs(tokenizer, 4)
-    cfg = composed("device=cpu", f"precision={precision}", "trainer.batch_size=4", "trainer.save_steps=0",
+    # one epoch of one batch: only the first step's log is read
+    cfg = composed("device=cpu", f"precision={precision}", "trainer.batch_size=4", "trainer.epochs=1",
+                   "trainer.save_steps=0",
                    "trainer.learning_rate=1e-7", "trainer.max_length=512")
     seqs = [training_tokens(tokenizer, p, r, "dpo", 512) for p, r in zip(prompts * 2, chosen + rejected, strict=True)]
     sums, _ = completion_logps(model, seqs, torch.device("cpu"),
